@@ -1,0 +1,23 @@
+# Two entry points: `make demo` (the whole pipeline on a generated dataset, CPU) and `make test` (the suite).
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+.PHONY: demo test install clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(VPY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash runners/demo.sh
+
+test: $(VENV)/.installed
+	$(VPY) -m pytest -q
+
+clean-demo:
+	rm -rf experiments/demo experiments/data/synthetic

@@ -1,0 +1,95 @@
+"""Command-line pieces shared by every script: flag spellings, strict booleans, the dataset flags, the entry point.
+
+Flag names follow the P-NOC reference (``--batch_size``, ``--data_dir``, ``--oc-pretrained``) so its published
+command lines run unchanged; :func:`add_arg` also accepts the other spelling (``--batch-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from core.errors import WSSSError
+
+DATASETS = ("voc12", "coco14", "custom")
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse ``true``/``false`` (also ``1/0``, ``yes/no``) strictly, as the reference's boolean flags do."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "t"):
+        return True
+    if text in ("false", "0", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def float_list(value: str) -> list[float]:
+    """Parse a comma-separated list of floats such as ``0.5,1.0,1.5,2.0``."""
+    try:
+        return [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from e
+
+
+def str_list(value: str) -> list[str]:
+    """Parse a comma-separated list of words (empty items dropped)."""
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def add_arg(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
+    """Add a flag under its reference spelling and its twin with ``_``/``-`` swapped.
+
+    ``add_arg(p, "--batch_size", type=int, default=32, help=...)`` accepts ``--batch_size`` and
+    ``--batch-size`` and stores ``args.batch_size``.
+    """
+    twin = name.replace("_", "-") if "_" in name else name[:2] + name[2:].replace("-", "_")
+    names = [name] + ([twin] if twin != name else []) + list(aliases)
+    kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
+    return parser.add_argument(*names, **kwargs)
+
+
+def add_bool_arg(parser: argparse.ArgumentParser | Any, name: str, default: bool, help: str) -> argparse.Action:
+    """A ``--flag true|false`` option (the reference's style); a bare ``--flag`` means true."""
+    return add_arg(parser, name, type=str2bool, nargs="?", const=True, default=default, metavar="true|false", help=help)
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> argparse._ArgumentGroup:
+    """``--dataset``, ``--data_dir``, ``--domain`` and the custom-dataset overrides, in one group."""
+    group = parser.add_argument_group("dataset")
+    add_arg(group, "--dataset", type=str, default="voc12", choices=DATASETS, help="dataset layout to read")
+    add_arg(
+        group,
+        "--data_dir",
+        type=str,
+        default=os.environ.get("WSSS_DATA_DIR"),
+        help="dataset root: .../VOCdevkit/VOC2012, .../coco14 or a custom root (default: $WSSS_DATA_DIR)",
+    )
+    add_arg(group, "--domain", type=str, default=domain, help=f"id list to use, e.g. train, train_aug, val (default {domain})")
+    add_arg(group, "--images_dir", type=str, default=None, help="custom dataset: images folder (default <data_dir>/images)")
+    add_arg(group, "--masks_dir", type=str, default=None, help="custom dataset: masks folder (default <data_dir>/masks)")
+    add_arg(
+        group, "--class_names", type=str, default=None, help="custom dataset: class-names file (default <data_dir>/classes.txt)"
+    )
+    return group
+
+
+def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
+    """Parse arguments, run ``main`` and turn a :class:`WSSSError` into one ``error:`` line and exit status 2."""
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return main(args)
+    except WSSSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished files are kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
