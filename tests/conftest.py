@@ -1,0 +1,30 @@
+"""Shared fixtures: one small synthetic VOC tree per test session, and a VOC source over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.datasets import DataSource, build_source
+from core.datasets.synthetic import make_synthetic_voc
+
+SYNTHETIC_SETTINGS = {"train": 24, "val": 12, "aug": 12, "size": 64, "classes": 5, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VOC2012-shaped tree (read-only by convention): 24 train, 12 val, 12 extra aug ids, 64 px, 5 classes.
+
+    ``ImageSets/Segmentation`` holds train (24), val (12), train_aug (36) and trainval (36). Copy it before
+    modifying anything.
+    """
+    root = tmp_path_factory.mktemp("synthetic_voc") / "VOC2012"
+    make_synthetic_voc(root, **SYNTHETIC_SETTINGS)
+    return root
+
+
+@pytest.fixture()
+def voc_source(synthetic_voc: Path) -> DataSource:
+    """``build_source("voc12", synthetic_voc, "train")``."""
+    return build_source("voc12", synthetic_voc, "train")
