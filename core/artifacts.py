@@ -1,0 +1,370 @@
+"""The files exchanged between stages: CAM files, label maps, saliency maps, JSON, and how they are written.
+
+Every writer goes through :func:`atomic_write`, so a file that exists is complete; a stage resumes by skipping the
+ids whose output already exists (:func:`pending_ids`).
+
+CAM files are ``<id>.npz`` written with ``np.savez`` (no pickled objects):
+
+* ``format_version``: int64 scalar, :data:`CAM_FORMAT_VERSION`;
+* ``keys``: int64 ``[n]``, the image's foreground classes as label-map indices ``1..C`` (no background);
+* ``cam``: float32 ``[n, ceil(H/4), ceil(W/4)]`` in ``[0, 1]`` (the stride-4 maps the random walk starts from);
+* ``hr_cam``: float32 ``[n, H, W]`` in ``[0, 1]`` (full resolution, what evaluation and label making read).
+
+float32 is kept (not float16) so that evaluation of a CAM file gives exactly the numbers of the in-memory maps.
+The background is never stored: it is a constant threshold or ``1 - saliency`` chosen when the file is read.
+Legacy pickled ``.npy`` files of IRN and Puzzle-CAM/P-NOC are read behind ``allow_pickle=True`` and converted to
+the same convention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import secrets
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from core.errors import WSSSError
+
+logger = logging.getLogger(__name__)
+
+CAM_FORMAT_VERSION = 1
+CAM_SUFFIX = ".npz"
+LEGACY_CAM_SUFFIX = ".npy"
+PNG_SUFFIX = ".png"
+IGNORE_INDEX = 255
+
+# CAM values may overshoot [0, 1] by rounding in the producer (resizing, normalising); beyond this they are a bug.
+_RANGE_TOLERANCE = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error remove it.
+
+    The temporary name ``.<name>.tmp-<pid>-<random><suffix>`` keeps the extension, so writers that dispatch on it
+    (``np.savez``, ``PIL.Image.save``) behave as for the final name. Parent folders are created.
+
+    Example:
+        with atomic_write("out/2007_000032.png") as tmp:
+            Image.fromarray(labels).save(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"atomic_write: nothing was written to the temporary file for {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException too: an interrupted write must not leave a half file under a name a resume would trust.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    """Numpy scalars/arrays to Python, NaN/inf to None (strict JSON has no NaN), Paths to str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically; numpy values become Python, NaN becomes null."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def pending_ids(ids: Iterable[str], out_dir: str | os.PathLike, suffix: str) -> list[str]:
+    """The ids whose ``<out_dir>/<id><suffix>`` does not exist yet, in input order.
+
+    Writes are atomic, so an existing file is complete and the id is done; this is how every stage resumes.
+    """
+    out_dir = Path(out_dir)
+    return [i for i in ids if not (out_dir / f"{i}{suffix}").is_file()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CAM files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CamFile:
+    """The content of one CAM file, in the toolkit's convention.
+
+    Attributes:
+        keys: int64 [n], label-map indices 1..C of the planes (no background plane).
+        cam: float32 [n, ceil(H/4), ceil(W/4)] in [0, 1], or None when not loaded (``with_cam=False``) or absent.
+        hr_cam: float32 [n, H, W] in [0, 1].
+    """
+
+    keys: np.ndarray
+    cam: np.ndarray | None
+    hr_cam: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the image the maps belong to."""
+        return int(self.hr_cam.shape[1]), int(self.hr_cam.shape[2])
+
+
+def strided_size(height: int, width: int, stride: int = 4) -> tuple[int, int]:
+    """The stride-``stride`` map size ``(ceil(H/stride), ceil(W/stride))`` that ``cam`` has."""
+    return -(-height // stride), -(-width // stride)
+
+
+def cam_path(out_dir: str | os.PathLike, image_id: str) -> Path:
+    """``<out_dir>/<image_id>.npz``."""
+    return Path(out_dir) / f"{image_id}{CAM_SUFFIX}"
+
+
+def _checked_maps(name: str, maps: Any, n: int) -> np.ndarray:
+    """float32 [n, h, w] with values in [0, 1] (tiny overshoots clipped), or ValueError."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[0] != n:
+        raise ValueError(f"save_cam: {name} must be [len(keys)={n}, h, w], got shape {maps.shape}")
+    if maps.size:
+        low, high = float(maps.min()), float(maps.max())
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            raise ValueError(f"save_cam: {name} values must lie in [0, 1], got [{low}, {high}]")
+        if low < 0 or high > 1:
+            maps = np.clip(maps, 0.0, 1.0)
+    return maps
+
+
+def save_cam(path: str | os.PathLike, keys: Any, cam: Any, hr_cam: Any) -> Path:
+    """Write a CAM file atomically (see the module docstring for the layout).
+
+    Args:
+        path: destination, normally ``cam_path(out_dir, image_id)``; must end with ``.npz``.
+        keys: int [n], distinct foreground label-map indices >= 1 (n = 0 for an image without foreground).
+        cam: float [n, ceil(H/4), ceil(W/4)] in [0, 1].
+        hr_cam: float [n, H, W] in [0, 1].
+
+    Raises:
+        ValueError: shapes, key values or map values break the convention (a bug in the producer).
+    """
+    path = Path(path)
+    if path.suffix != CAM_SUFFIX:
+        raise ValueError(f"save_cam: CAM files end with {CAM_SUFFIX}, got {path}")
+    keys = np.asarray(keys)
+    if keys.ndim != 1 or (keys.size and not np.issubdtype(keys.dtype, np.integer)):
+        raise ValueError(f"save_cam: keys must be a 1-D integer array, got {keys.dtype} {keys.shape}")
+    keys = keys.astype(np.int64)
+    if keys.size and (keys.min() < 1 or len(np.unique(keys)) != len(keys)):
+        raise ValueError(f"save_cam: keys must be distinct foreground indices >= 1 (no background), got {keys}")
+    hr_cam = _checked_maps("hr_cam", hr_cam, len(keys))
+    cam = _checked_maps("cam", cam, len(keys))
+    expected = strided_size(hr_cam.shape[1], hr_cam.shape[2])
+    if cam.shape[1:] != expected:
+        raise ValueError(f"save_cam: cam must be {expected} (ceil of hr_cam size / 4), got {cam.shape[1:]}")
+    with atomic_write(path) as tmp:
+        np.savez(tmp, format_version=np.int64(CAM_FORMAT_VERSION), keys=keys, cam=cam, hr_cam=hr_cam)
+    return path
+
+
+def load_cam(path: str | os.PathLike, allow_pickle: bool = False, with_cam: bool = True) -> CamFile:
+    """Read a CAM file: the toolkit's ``.npz``, or a legacy pickled ``.npy`` when ``allow_pickle`` is set.
+
+    Args:
+        path: ``<id>.npz`` or (legacy) ``<id>.npy``.
+        allow_pickle: accept the pickled ``.npy`` dicts of IRN and Puzzle-CAM/P-NOC; only for files you trust,
+            since unpickling can run code.
+        with_cam: also read the stride-4 ``cam`` (evaluation only needs ``hr_cam`` and skips it).
+
+    Returns:
+        A :class:`CamFile` with keys 1..C and no background plane, whatever layout the file had.
+
+    Raises:
+        WSSSError: missing, unreadable, pickled without ``allow_pickle``, wrong format version, inconsistent layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WSSSError(f"CAM file not found: {path}; run CAM inference for this id first")
+    if path.suffix == LEGACY_CAM_SUFFIX:
+        if not allow_pickle:
+            raise WSSSError(
+                f"{path} is a legacy pickled .npy CAM file; pass --allow_pickle to read it (only for files you trust)"
+            )
+        return _load_legacy_cam(path, with_cam)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return _cam_from_npz(data, path, with_cam)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise WSSSError(f"cannot read CAM file {path} ({e}); delete it and run CAM inference again") from e
+
+
+def _cam_from_npz(data: Any, path: Path, with_cam: bool) -> CamFile:
+    missing = {"format_version", "keys", "hr_cam"} - set(data.files)
+    if missing:
+        raise WSSSError(f"{path} is not a CAM file of this toolkit (no {', '.join(sorted(missing))}); write it again")
+    version = int(data["format_version"])
+    if version != CAM_FORMAT_VERSION:
+        raise WSSSError(
+            f"{path} has CAM format version {version}, this toolkit reads version {CAM_FORMAT_VERSION}; "
+            "run CAM inference again with this version"
+        )
+    keys = data["keys"].astype(np.int64)
+    hr_cam = data["hr_cam"].astype(np.float32, copy=False)
+    cam = data["cam"].astype(np.float32, copy=False) if with_cam and "cam" in data.files else None
+    if hr_cam.ndim != 3 or hr_cam.shape[0] != len(keys):
+        raise WSSSError(f"{path}: hr_cam {hr_cam.shape} does not match {len(keys)} keys; run CAM inference again")
+    return CamFile(keys=keys, cam=cam, hr_cam=hr_cam)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """numpy array from an array or a (possibly CUDA) torch tensor pickled by the reference code."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _load_legacy_cam(path: Path, with_cam: bool) -> CamFile:
+    """Read an IRN (``keys`` 0-based, ``high_res``) or Puzzle-CAM/P-NOC (``keys`` = [0] + fg + 1, ``hr_cam``/``rw``)
+    pickled dict."""
+    try:
+        content = np.load(path, allow_pickle=True)
+        data = content.item() if content.dtype == object else None
+    except ModuleNotFoundError as e:
+        raise WSSSError(f"{path} holds a pickled {e.name} object; install {e.name} to read it") from e
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError) as e:
+        raise WSSSError(f"cannot read legacy CAM file {path} ({e}); delete it and produce it again") from e
+    if not isinstance(data, dict) or "keys" not in data:
+        raise WSSSError(f"{path} is not a CAM dict with 'keys' (PSA-style {{class: map}} files are not supported)")
+    irn_layout = "high_res" in data
+    full_key = next((k for k in ("hr_cam", "high_res", "rw") if k in data), None)
+    if full_key is None:
+        raise WSSSError(f"{path} has none of 'hr_cam', 'high_res', 'rw'; it is not a CAM file")
+    keys = _to_numpy(data["keys"]).astype(np.int64).reshape(-1)
+    hr_cam = _to_numpy(data[full_key]).astype(np.float32)
+    cam = _to_numpy(data["cam"]).astype(np.float32) if with_cam and "cam" in data else None
+    n = hr_cam.shape[0]
+    if len(keys) == n + 1 and keys[0] == 0:
+        keys = keys[1:]  # Puzzle-CAM/P-NOC: keys padded with the background slot, no background plane
+    elif len(keys) == n and irn_layout:
+        keys = keys + 1  # IRN: 0-based foreground indices
+    elif len(keys) == n and len(keys) and keys[0] == 0:
+        logger.warning("%s carries a background plane; it is dropped (the background is chosen at read time)", path)
+        keys, hr_cam = keys[1:], hr_cam[1:]
+        if cam is not None and cam.shape[0] == n:
+            cam = cam[1:]
+    elif len(keys) != n:
+        raise WSSSError(
+            f"{path}: {len(keys)} keys for {n} maps in '{full_key}'; the file does not follow a known layout"
+        )
+    return CamFile(keys=keys, cam=cam, hr_cam=hr_cam)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Label maps and saliency maps (PNG)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_png(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise WSSSError(f"{what} not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except OSError as e:
+        raise WSSSError(f"cannot decode {what} {path} ({e}); delete it and produce it again") from e
+
+
+def save_label_map(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> Path:
+    """Write a class-index map as a single-channel palette ("P") PNG, atomically.
+
+    Args:
+        path: destination ``.png``.
+        labels: uint8 [H, W]; 0 = background, 1..C = classes, 255 = ignore/uncertain.
+        palette: uint8 [256, 3] colours for viewers (default: the VOC palette of ``core.datasets``); the stored values
+            are the indices.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"save_label_map: labels must be [H, W], got shape {labels.shape}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"save_label_map: values must fit uint8, got [{labels.min()}, {labels.max()}]")
+        labels = labels.astype(np.uint8)
+    if palette is None:
+        from core.datasets.base import voc_palette  # lazy: keeps this leaf module free of dataset imports
+
+        palette = voc_palette()
+    palette = np.asarray(palette, dtype=np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(labels))
+    image.putpalette(palette.reshape(-1).tobytes())  # makes the "L" image a "P" image with the same indices
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def load_label_map(path: str | os.PathLike) -> np.ndarray:
+    """Read a single-channel class-index PNG ("P" or "L"): uint8 [H, W], values 0..C and 255."""
+    path = Path(path)
+    image = _read_png(path, "label map")
+    if image.mode not in ("P", "L"):
+        if image.mode in ("I", "I;16") and np.asarray(image).max() <= 255:
+            return np.asarray(image).astype(np.uint8)
+        raise WSSSError(f"{path} is a {image.mode} image; label maps must be single-channel class-index PNGs")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def save_saliency(path: str | os.PathLike, saliency: np.ndarray) -> Path:
+    """Write a saliency map as an 8-bit grey PNG (255 = foreground), atomically.
+
+    Args:
+        path: destination ``.png``.
+        saliency: float [H, W] in [0, 1] (scaled by 255 and rounded) or uint8 [H, W].
+    """
+    saliency = np.asarray(saliency)
+    if saliency.ndim != 2:
+        raise ValueError(f"save_saliency: saliency must be [H, W], got shape {saliency.shape}")
+    if saliency.dtype != np.uint8:
+        if saliency.size and (saliency.min() < 0 or saliency.max() > 1):
+            low, high = saliency.min(), saliency.max()
+            raise ValueError(f"save_saliency: float saliency must lie in [0, 1], got [{low}, {high}]")
+        saliency = np.rint(saliency.astype(np.float64) * 255).astype(np.uint8)
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(saliency)).save(tmp, format="PNG")
+    return Path(path)
+
+
+def load_saliency(path: str | os.PathLike) -> np.ndarray:
+    """Read a saliency PNG as float32 [H, W] in [0, 1] (colour PNGs are averaged over RGB, as EPS reads them)."""
+    path = Path(path)
+    image = _read_png(path, "saliency map")
+    if image.mode in ("RGB", "RGBA"):
+        values = np.asarray(image)[..., :3].mean(axis=2, dtype=np.float32)
+    else:
+        values = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
+    return values / np.float32(255.0)

@@ -1,0 +1,102 @@
+"""Score predictions against the ground truth: CAM files with a background-threshold sweep, label-map PNGs or
+saliency PNGs, optionally after a dense CRF.
+
+Every prediction file and its GT are read once; all thresholds are scored in that pass, in ``--num_workers``
+processes. The best threshold is chosen on the GT of the evaluated domain, and the header says so.
+
+Reads:  <pred_dir>/<id>.npz (npy mode; legacy <id>.npy with --allow_pickle) or <id>.png (png, saliency modes),
+        the dataset's ground-truth masks, <sal_dir>/<id>.png (optional), the images (only with --crf_t > 0)
+Writes: the report to the log; --json OUT: {"miou", "iou", "threshold", "fp", "fn", "precision", "recall",
+        "protocol", ...} (percentages 0-100)
+Example:
+    python scripts/evaluate.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train \
+        --experiment_name pnoc-rs269@train@scale=0.5,1.0,1.5,2.0 --mode npy --min_th 0.05 --max_th 0.80 \
+        --step_th 0.05 --json experiments/predictions/pnoc-rs269@train@scale=0.5,1.0,1.5,2.0/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from core import cli
+from core.artifacts import write_json
+from core.datasets import source_from_args
+from core.errors import WSSSError
+from core.evaluation import MODES, PRED_IGNORE_POLICIES, evaluate_predictions, format_report, threshold_range
+from core.parallel import default_num_workers
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = Path("experiments/predictions")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("evaluate", description=__doc__.split("\n\n")[0], add_help=add_help)
+    cli.add_dataset_args(parser, domain="train")
+    group = parser.add_argument_group("predictions")
+    cli.add_arg(group, "--experiment_name", type=str, default=None, help=f"predictions in {PREDICTIONS_DIR}/<name>")
+    cli.add_arg(group, "--pred_dir", type=str, default=None, help="prediction folder (overrides --experiment_name)")
+    cli.add_arg(group, "--mode", type=str, default="npy", choices=MODES, help="npy: CAM files; png: label maps; "
+                "saliency: saliency PNGs scored as foreground vs background")
+    cli.add_bool_arg(group, "--allow_pickle", default=False, help="read legacy pickled .npy CAMs (trusted files only)")
+    cli.add_arg(group, "--sal_dir", type=str, default=None, help="npy mode: background = 1 - <sal_dir>/<id>.png")
+    cli.add_arg(group, "--pred_ignore", type=str, default="miss", choices=PRED_IGNORE_POLICIES,
+                help="png mode: a predicted 255 counts as a miss (default), as background, or is excluded")
+    group = parser.add_argument_group("thresholds")
+    cli.add_arg(group, "--threshold", type=float, default=None, help="one background threshold instead of a sweep")
+    cli.add_arg(group, "--min_th", type=float, default=0.05, help="first threshold of the sweep (default 0.05)")
+    cli.add_arg(group, "--max_th", type=float, default=0.80, help="last threshold, inclusive (default 0.80)")
+    cli.add_arg(group, "--step_th", type=float, default=0.05, help="sweep step (default 0.05: 16 thresholds)")
+    group = parser.add_argument_group("crf")
+    cli.add_arg(group, "--crf_t", type=int, default=0, help="dense-CRF iterations on each prediction (0 = off)")
+    cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7,
+                help="label-CRF confidence; 1 = probability (DeepLab-v2) CRF on the CAM scores")
+    group = parser.add_argument_group("runtime")
+    cli.add_arg(
+        group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"
+    )
+    cli.add_arg(group, "--json", type=str, default=None, help="write the results to this JSON file")
+    return parser
+
+
+def resolve_pred_dir(args: argparse.Namespace) -> Path:
+    """``--pred_dir``, else ``experiments/predictions/<experiment_name>``."""
+    if args.pred_dir:
+        return Path(args.pred_dir)
+    if args.experiment_name:
+        return PREDICTIONS_DIR / args.experiment_name
+    raise WSSSError("no predictions given; pass --experiment_name NAME or --pred_dir DIR")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    pred_dir = resolve_pred_dir(args)
+    source = source_from_args(args)
+    if args.threshold is not None:
+        thresholds = [args.threshold]
+    else:
+        thresholds = threshold_range(args.min_th, args.max_th, args.step_th)
+    result = evaluate_predictions(
+        source,
+        pred_dir,
+        args.mode,
+        thresholds,
+        sal_dir=args.sal_dir,
+        crf_t=args.crf_t,
+        crf_gt_prob=args.crf_gt_prob,
+        pred_ignore=args.pred_ignore,
+        allow_pickle=args.allow_pickle,
+        num_workers=args.num_workers,
+    )
+    logger.info("evaluation of %s\n%s", pred_dir, format_report(result))
+    summary = result.summary()
+    if args.json:
+        write_json(args.json, summary)
+        logger.info("wrote %s", args.json)
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
