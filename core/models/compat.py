@@ -1,0 +1,298 @@
+"""Reading weight files and mapping every known checkpoint layout onto the current one.
+
+Current layout (SPEC §2.4): ``backbone.<native torchvision/resnest key>`` plus the head keys
+(``classifier.weight`` for the CAM classifier). Also accepted:
+
+* our training checkpoints: ``{"model": state_dict, ...}`` or ``{"models": {"cg": state_dict, ...}}``;
+* files wrapped as ``{"state_dict": ...}`` and keys prefixed by ``module.`` (DataParallel/DDP) or
+  ``_orig_mod.`` (``torch.compile``);
+* P-NOC reference layout until 2023-10: ``model.<native key>`` with every tensor duplicated under
+  ``stage1..stage5``;
+* P-NOC reference layout 2023-10 → 2024-02: ``stage1..stage5`` only (``stage1.0`` = stem conv,
+  ``stage1.1`` = bn1, ``stage{2..5}.0`` = layer1..layer4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from core.errors import WSSSError
+
+logger = logging.getLogger(__name__)
+
+#: The block counts (layer1..layer4) of every supported architecture, for naming a state dict.
+KNOWN_DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
+    ("resnet-basic", (2, 2, 2, 2)): "resnet18",
+    ("resnet-basic", (3, 4, 6, 3)): "resnet34",
+    ("resnet", (3, 4, 6, 3)): "resnet50",
+    ("resnet", (3, 4, 23, 3)): "resnet101",
+    ("resnet", (3, 8, 36, 3)): "resnet152",
+    ("resnest", (3, 4, 6, 3)): "resnest50",
+    ("resnest", (3, 4, 23, 3)): "resnest101",
+    ("resnest", (3, 24, 36, 3)): "resnest200",
+    ("resnest", (3, 30, 48, 8)): "resnest269",
+}
+
+_WRAPPER_KEYS = ("state_dict", "model")
+_PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
+_STAGE_TO_NATIVE = (
+    (re.compile(r"^stage1\.0\."), "backbone.conv1."),
+    (re.compile(r"^stage1\.1\."), "backbone.bn1."),
+    (re.compile(r"^stage2\.0\."), "backbone.layer1."),
+    (re.compile(r"^stage3\.0\."), "backbone.layer2."),
+    (re.compile(r"^stage4\.0\."), "backbone.layer3."),
+    (re.compile(r"^stage5\.0\."), "backbone.layer4."),
+)
+_STAGE_KEY = re.compile(r"^stage[1-5]\.")
+_LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
+
+
+class KeyMismatch(NamedTuple):
+    """How a state dict differs from a model's: key names only in one of them, and keys whose shapes differ."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[str]
+
+    def is_empty(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    def summary(self, examples: int = 2) -> str:
+        """One-line summary such as ``3 missing keys (e.g. a, b), 1 with another shape (e.g. c)``."""
+        parts = []
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("with another shape", self.wrong_shape),
+        ):
+            if keys:
+                noun = "key" if len(keys) == 1 else "keys"
+                shown = ", ".join(keys[:examples])
+                parts.append(f"{len(keys)} {label} {noun} (e.g. {shown})")
+        return ", ".join(parts) if parts else "no differences"
+
+
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
+    """Load a ``.pth`` file onto the CPU without executing pickled code.
+
+    Args:
+        path: file written by ``torch.save``.
+        trusted: allow full unpickling for legacy files that hold Python objects besides tensors
+            (only for files from a source you trust).
+
+    Returns:
+        Whatever the file holds (usually a dict of tensors or a dict of such dicts).
+
+    Raises:
+        WSSSError: the file is missing, unreadable, or needs unpickling while ``trusted`` is False.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WSSSError(f"weights file {path} not found; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise WSSSError(f"cannot read weights file {path} ({_first_line(e)}); it is not a PyTorch file") from e
+        if not trusted:
+            raise WSSSError(
+                f"weights file {path} holds pickled Python objects that safe loading refuses; re-save it as a plain "
+                "state dict, or pass --trust_checkpoint true if you trust its source"
+            ) from e
+        logger.warning("loading %s with full unpickling (trusted legacy file)", path)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WSSSError(
+            f"cannot read weights file {path} ({_first_line(e)}); the file is truncated or not a PyTorch file"
+        ) from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # arbitrary unpickling errors of a legacy file
+        raise WSSSError(f"cannot read weights file {path} ({_first_line(e)}); re-create or re-download it") from e
+
+
+def unwrap_state_dict(obj: Any, source: str = "the state dict") -> dict[str, torch.Tensor]:
+    """Return the model state dict held by a checkpoint object (see the module docstring for the wrappers).
+
+    Raises:
+        WSSSError: no state dict of tensors can be found in ``obj``.
+    """
+    while isinstance(obj, Mapping):
+        if "models" in obj and isinstance(obj["models"], Mapping):
+            models = obj["models"]
+            if "cg" not in models:
+                raise WSSSError(f"checkpoint {source} holds models {sorted(models)} but no 'cg' (CAM generator)")
+            obj = models["cg"]
+            continue
+        wrapper = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WSSSError(f"checkpoint {source} holds no state dict of tensors; pass a model weights file")
+    return dict(obj)
+
+
+def normalize_state_dict_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys of any known layout to the current ``backbone.*`` layout (heads are left unchanged).
+
+    Args:
+        state_dict: a flat state dict in any layout listed in the module docstring.
+
+    Returns:
+        A new dict with the same tensors; the duplicated ``stage*`` copies of the oldest layout are dropped.
+    """
+    renamed = {_strip_prefixes(key): value for key, value in state_dict.items()}
+    if any(key.startswith("model.") for key in renamed):
+        return {
+            "backbone." + key[len("model.") :] if key.startswith("model.") else key: value
+            for key, value in renamed.items()
+            if not _STAGE_KEY.match(key)
+        }
+    if any(_STAGE_KEY.match(key) for key in renamed):
+        return {_stage_to_native(key): value for key, value in renamed.items()}
+    return renamed
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Describe the network a state dict belongs to, e.g. ``21-class resnest269-like classifier (layers 3,30,48,8)``.
+
+    The family comes from key names (split-attention convs → ResNeSt, ``conv3`` → Bottleneck ResNet, else
+    BasicBlock ResNet), the depth from the block indices of ``layer1..layer4`` and the class count from
+    ``classifier.weight`` (shape ``[C, D, 1, 1]``). Works on any layout (keys are normalised first).
+    """
+    keys = list(normalize_state_dict_keys(state_dict))
+    depths = _block_counts(keys)
+    if not any(depths):
+        shown = ", ".join(keys[:3])
+        return f"state dict without ResNet layers (first keys: {shown})"
+    family = _family(keys)
+    depth_text = ",".join(str(d) for d in depths)
+    name = KNOWN_DEPTHS.get((family, depths))
+    net = (
+        f"{name}-like"
+        if name
+        else {"resnet-basic": "BasicBlock resnet", "resnet": "Bottleneck resnet"}.get(family, family)
+    )
+    classifier = next((v for k, v in state_dict.items() if _strip_prefixes(k) == "classifier.weight"), None)
+    if classifier is None:
+        return f"{net} network (layers {depth_text})"
+    return f"{classifier.shape[0]}-class {net} classifier (layers {depth_text})"
+
+
+def compare_state_dicts(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> KeyMismatch:
+    """List the keys of ``expected`` missing from ``given``, the extra keys, and the keys whose shapes differ."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong_shape = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
+    return KeyMismatch(missing, unexpected, wrong_shape)
+
+
+def load_classifier_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    trusted: bool = False,
+) -> KeyMismatch:
+    """Load a classifier checkpoint of any known layout into ``model`` (in place).
+
+    Args:
+        model: a :class:`core.models.Classifier` (any module with the current key layout works).
+        source: a file path, or an already loaded checkpoint / state dict.
+        strict: require every key and shape to match; when False, load the matching tensors and log the rest.
+        trusted: allow full unpickling of legacy files (see :func:`read_checkpoint`).
+
+    Returns:
+        The differences that were skipped (all empty when ``strict``).
+
+    Raises:
+        WSSSError: unreadable file, or (strict) a different architecture / class count / key set; the message
+            names the checkpoint and the model.
+    """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "(in-memory state dict)"
+    raw = read_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
+    state_dict = normalize_state_dict_keys(unwrap_state_dict(raw, name))
+    expected = model.state_dict()
+    mismatch = compare_state_dicts(expected, state_dict)
+    if mismatch.is_empty():
+        model.load_state_dict(state_dict, strict=True)
+        logger.info("loaded weights from %s", name)
+        return mismatch
+    if strict:
+        raise WSSSError(_mismatch_message(name, state_dict, model, mismatch))
+    skipped = set(mismatch.wrong_shape)
+    loadable = {k: v for k, v in state_dict.items() if k in expected and k not in skipped}
+    model.load_state_dict(loadable, strict=False)
+    logger.warning(
+        "loaded %d of %d tensors from %s; skipped %s", len(loadable), len(expected), name, mismatch.summary()
+    )
+    return mismatch
+
+
+def _mismatch_message(
+    name: str, state_dict: Mapping[str, torch.Tensor], model: nn.Module, mismatch: KeyMismatch
+) -> str:
+    held = describe_state_dict(state_dict)
+    wanted = _describe_model(model)
+    if held != describe_state_dict(model.state_dict()):
+        return (
+            f"checkpoint {name} holds a {held} but the model is a {wanted}; "
+            "pass the matching --architecture/--num_classes"
+        )
+    return f"checkpoint {name} does not fit the {wanted}: {mismatch.summary()}; pass a checkpoint saved from this model"
+
+
+def _describe_model(model: nn.Module) -> str:
+    kwargs = getattr(model, "model_kwargs", None)
+    if isinstance(kwargs, Mapping) and "architecture" in kwargs and "num_classes" in kwargs:
+        depths = ",".join(str(d) for d in _block_counts(list(model.state_dict())))
+        return f"{kwargs['num_classes']}-class {kwargs['architecture']} classifier (layers {depths})"
+    return describe_state_dict(model.state_dict())
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES_TO_STRIP:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def _stage_to_native(key: str) -> str:
+    for pattern, replacement in _STAGE_TO_NATIVE:
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
+
+
+def _block_counts(keys: list[str]) -> tuple[int, int, int, int]:
+    counts = [0, 0, 0, 0]
+    for key in keys:
+        match = _LAYER_BLOCK.search(key)
+        if match:
+            layer, block = int(match.group(1)) - 1, int(match.group(2))
+            counts[layer] = max(counts[layer], block + 1)
+    return tuple(counts)  # type: ignore[return-value]
+
+
+def _family(keys: list[str]) -> str:
+    if any(".conv2.fc1." in key or ".conv2.conv." in key for key in keys):
+        return "resnest"
+    if any(re.search(r"layer\d\.\d+\.conv3\.", key) for key in keys):
+        return "resnet"
+    return "resnet-basic"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
