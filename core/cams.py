@@ -1,0 +1,227 @@
+"""CAM post-processing and multi-scale + flip CAM inference, as the P-NOC reference computes its seeds (SPEC §5).
+
+Conventions: ``keys`` are 1-based label-map indices (VOC class ``c`` of the 0-based classifier output is key
+``c + 1``; 0 is the background); CAM planes are stored only for the keys, with no background plane.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from core.datasets.base import IGNORE_INDEX
+from core.datasets.transforms import normalize
+
+logger = logging.getLogger(__name__)
+
+CAM_EPS = 1e-5
+CAM_STRIDE = 4  # stride of the low-resolution ``cam`` array
+UP_STRIDE = 16  # ``hr_cam`` is resized to a multiple of this, then cropped
+
+
+def normalize_cams(raw: torch.Tensor) -> torch.Tensor:
+    """``ReLU(raw)`` divided by its per-channel spatial max + 1e-5 (the reference's ``make_cam``).
+
+    Args:
+        raw: float [..., h, w], e.g. [B, C, h, w] raw class maps.
+
+    Returns:
+        Same shape, values in [0, 1); each channel with a positive value has its max just below 1, others are 0.
+    """
+    cams = F.relu(raw)
+    return cams / (cams.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
+
+
+def strided_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """``(ceil(height / stride), ceil(width / stride))``."""
+    return (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+def imagenet_normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> float32 [3, H, W], ``(x / 255 - mean) / std`` with ImageNet statistics."""
+    return np.ascontiguousarray(normalize(image).transpose(2, 0, 1))
+
+
+def resize_bicubic(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize uint8 [H, W, 3] to ``(round(scale * H), round(scale * W))`` with PIL bicubic, as the reference does."""
+    height, width = image.shape[:2]
+    size = (round(width * scale), round(height * scale))
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"scale {scale} shrinks a {height}x{width} image to nothing")
+    return np.asarray(Image.fromarray(image).resize(size, resample=Image.BICUBIC))
+
+
+def _flip_pair_cams(
+    model: nn.Module,
+    image: np.ndarray,
+    channels: torch.Tensor | None,
+    device: torch.device,
+    autocast: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """ReLU'd maps of an image plus the un-flipped maps of its mirror: float32 [n, h, w].
+
+    ``channels`` (long [n], 0-based) selects classes before any resizing, which is exact because the later bilinear
+    resizing and summing act on each channel separately; None keeps all C channels.
+    """
+    single = torch.from_numpy(imagenet_normalize(image))
+    batch = torch.stack([single, single.flip(-1)]).to(device)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, enabled=autocast):
+        _, maps = model(batch, with_cam=True)
+    maps = maps.float()
+    if channels is not None:
+        if channels.numel() and int(channels.max()) >= maps.shape[1]:
+            raise ValueError(f"keys up to {int(channels.max()) + 1} but the model has only {maps.shape[1]} classes")
+        maps = maps[:, channels]
+    maps = F.relu(maps)
+    return maps[0] + maps[1].flip(-1)
+
+
+def _resize_sum(per_scale: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear-resize each [n, h_s, w_s] map to ``size`` (align_corners=False) and sum over scales: [n, *size]."""
+    resized = [F.interpolate(m.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0] for m in per_scale]
+    return torch.stack(resized).sum(dim=0)
+
+
+def _max_normalize(cams: torch.Tensor) -> torch.Tensor:
+    """Divide every plane of [n, h, w] by its own max + 1e-5."""
+    return cams / (cams.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
+
+
+def multiscale_cams(
+    model: nn.Module,
+    image: np.ndarray,
+    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    *,
+    device: torch.device | str,
+    keys: Sequence[int] | np.ndarray | None = None,
+    mixed_precision: bool = False,
+    channels_last: bool = False,
+    output_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-scale + horizontal-flip CAMs of one image, reproducing the reference's ``inference.py``.
+
+    Per scale: PIL bicubic resize to ``(round(s*W), round(s*H))``, ImageNet normalisation, one forward of the pair
+    (image, mirrored image) with ``with_cam=True``, ReLU, map + un-flipped mirror map. ``cam`` sums the scales after
+    bilinear resizing to ``(ceil(H/4), ceil(W/4))``; ``hr_cam`` sums them after resizing to
+    ``(16*ceil(H/16), 16*ceil(W/16))`` and crops the top-left ``H x W`` (which lines the cells of a stride-16 model
+    up with their pixels; it also makes ``hr_cam`` flip-equivariant only when H and W are multiples of 16). Each kept
+    plane is divided by its own max + 1e-5.
+    The model must already be on ``device`` and in eval mode.
+
+    Args:
+        model: classifier whose ``forward(x, with_cam=True)`` returns ``(logits [2, C], maps [2, C, h, w])``.
+        image: uint8 [H, W, 3] RGB.
+        scales: resize factors.
+        device: where to run the model.
+        keys: 1-based label-map indices of the classes to keep (channel ``key - 1``), normally the image's
+            GT-positive classes; None keeps all C classes.
+        mixed_precision: run the forward under autocast.
+        channels_last: feed the model channels-last tensors.
+        output_size: ``(H, W)`` of the original image when ``image`` was pre-resized (the reference's ``--resize``);
+            default the size of ``image``.
+
+    Returns:
+        ``keys`` int64 [n] (1..C, no background slot); ``cam`` float32 [n, ceil(H/4), ceil(W/4)] in [0, 1);
+        ``hr_cam`` float32 [n, H, W] in [0, 1).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {tuple(image.shape)}")
+    if not scales:
+        raise ValueError("multiscale_cams needs at least one scale")
+    device = torch.device(device)
+    height, width = output_size if output_size is not None else image.shape[:2]
+    key_array = _check_keys(keys) if keys is not None else None
+    if key_array is not None and key_array.size == 0:
+        cam_h, cam_w = strided_size(height, width, CAM_STRIDE)
+        return key_array, np.zeros((0, cam_h, cam_w), np.float32), np.zeros((0, height, width), np.float32)
+    channels = torch.as_tensor(key_array - 1, device=device) if key_array is not None else None
+
+    with torch.inference_mode():
+        per_scale = [
+            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, mixed_precision, channels_last)
+            for s in scales
+        ]
+        cam = _resize_sum(per_scale, strided_size(height, width, CAM_STRIDE))
+        up_h, up_w = strided_size(height, width, UP_STRIDE)
+        hr_cam = _resize_sum(per_scale, (up_h * UP_STRIDE, up_w * UP_STRIDE))[:, :height, :width]
+        cam, hr_cam = _max_normalize(cam), _max_normalize(hr_cam)
+    if key_array is None:
+        key_array = np.arange(1, cam.shape[0] + 1, dtype=np.int64)
+    return key_array, cam.cpu().numpy().astype(np.float32), hr_cam.cpu().numpy().astype(np.float32)
+
+
+def _check_keys(keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Keys as int64 [n], each a 1-based label-map index in 1..254 (0 is background, 255 ignore)."""
+    key_array = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if key_array.size and (key_array.min() < 1 or key_array.max() >= IGNORE_INDEX):
+        raise ValueError(f"keys must be label-map indices in 1..254 (0 is the background), got {key_array.tolist()}")
+    return key_array
+
+
+def _split_keys(hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Keys as int64 [n] matching the planes; a leading background 0 (the ``.npy`` format's) is dropped."""
+    key_array = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if key_array.size == hr_cam.shape[0] + 1 and key_array[0] == 0:
+        key_array = key_array[1:]
+    key_array = _check_keys(key_array)
+    if key_array.size != hr_cam.shape[0]:
+        raise ValueError(f"{key_array.size} keys for {hr_cam.shape[0]} CAM planes")
+    return key_array
+
+
+def _argmax_labels(hr_cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max score float [H, W] (0 without planes) and the key of the best plane, uint8 [H, W]."""
+    if hr_cam.ndim != 3:
+        raise ValueError(f"expected CAMs [n, H, W], got shape {hr_cam.shape}")
+    if hr_cam.shape[0] == 0:
+        zeros = np.zeros(hr_cam.shape[1:], dtype=np.float32)
+        return zeros, zeros.astype(np.uint8)
+    lookup = keys.astype(np.uint8)
+    return hr_cam.max(axis=0), lookup[hr_cam.argmax(axis=0)]
+
+
+def cams_to_label_map(hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray, threshold: float) -> np.ndarray:
+    """Label map from CAMs with a constant background score: argmax of ``[threshold, cams...]``, ties to background.
+
+    Args:
+        hr_cam: float [n, H, W] in [0, 1].
+        keys: int [n] 1-based label indices of the planes (or [n + 1] with a leading 0, as stored in ``.npy``).
+        threshold: background score.
+
+    Returns:
+        uint8 [H, W]: 0 where the max CAM <= threshold, else the key of the arg-max plane.
+    """
+    key_array = _split_keys(hr_cam, keys)
+    best, labels = _argmax_labels(hr_cam, key_array)
+    return np.where(best > threshold, labels, 0).astype(np.uint8)
+
+
+def label_map_with_ignore(
+    hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray, fg_threshold: float, bg_threshold: float
+) -> np.ndarray:
+    """Label map with an uncertain band: background, ignore (255) or the arg-max key.
+
+    Args:
+        hr_cam: float [n, H, W] in [0, 1].
+        keys: int [n] 1-based label indices (or [n + 1] with a leading 0).
+        fg_threshold: a pixel is foreground where its max CAM > fg_threshold.
+        bg_threshold: a pixel is background where its max CAM <= bg_threshold; must be <= fg_threshold.
+
+    Returns:
+        uint8 [H, W]: 0 where max <= bg_threshold, 255 where bg_threshold < max <= fg_threshold, else the key.
+    """
+    if bg_threshold > fg_threshold:
+        raise ValueError(f"bg_threshold {bg_threshold} must not exceed fg_threshold {fg_threshold}")
+    key_array = _split_keys(hr_cam, keys)
+    best, labels = _argmax_labels(hr_cam, key_array)
+    out = np.where(best > fg_threshold, labels, np.uint8(IGNORE_INDEX))
+    return np.where(best <= bg_threshold, 0, out).astype(np.uint8)
