@@ -1,0 +1,216 @@
+"""Pieces every CAM-generator training script shares (vanilla, Puzzle, OC-CSE, P-OC, P-NOC): flags, data, the
+classifier with its optimizer, and the end-of-epoch validation hook. The method scripts add only their step
+(see :mod:`core.methods`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+
+from core import validation
+from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list
+from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
+from core.datasets.transforms import build_classification_transform, build_validation_transform
+from core.engine import TrainContext, ValidateFn, build_loader
+from core.errors import WSSSError
+from core.models import BACKBONES, Classifier, load_classifier_weights
+from core.optim import PolyLR, build_optimizer, build_param_groups
+from core.runtime import Run
+
+logger = logging.getLogger(__name__)
+
+
+def add_cam_data_args(
+    parser: argparse.ArgumentParser, domain_train: str = "train_aug", domain_valid: str = "train"
+) -> None:
+    """Dataset flags plus image sizes, augmentation, label smoothing, class weights and the validation domain.
+
+    The training id list is ``--domain_train`` (the reference's name; ``--domain`` is accepted as an alias); both
+    store ``args.domain``, which :func:`core.datasets.source_from_args` reads.
+    """
+    group = add_dataset_args(parser, domain=domain_train)
+    add_arg(
+        group,
+        "--domain_train",
+        type=str,
+        dest="domain",
+        default=domain_train,
+        help=f"id list to train on, e.g. train_aug (default {domain_train}; alias --domain)",
+    )
+    add_arg(group, "--domain_valid", type=str, default=domain_valid, help="id list with GT masks used by --validate")
+    add_arg(group, "--image_size", type=int, default=512, help="training crop and validation size (pixels)")
+    add_arg(group, "--min_image_size", type=int, default=320, help="smallest random longer side before cropping")
+    add_arg(group, "--max_image_size", type=int, default=640, help="largest random longer side before cropping")
+    add_arg(group, "--augment", type=str, default="", help="augmentations, e.g. randaugment, colorjitter, clahe")
+    not_implemented = "accepted so the reference's commands run; --augment cutmix/mixup is not implemented"
+    add_arg(group, "--cutmix_prob", type=float, default=1.0, help=not_implemented)
+    add_arg(group, "--mixup_prob", type=float, default=1.0, help=not_implemented)
+    add_arg(group, "--label_smoothing", type=float, default=0.0, help="binary label smoothing ε: y(1-ε) + ε/2")
+    add_arg(group, "--class_weight", type=str, default="none", help="comma-separated per-class loss weights, or none")
+    add_bool_arg(group, "--validate_priors", True, "with --validate: also sweep CAM thresholds against GT masks")
+
+
+def add_classifier_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the CAM classifier: architecture, backbone weights, BN mode, dilation, trainable parts, --restore."""
+    group = parser.add_argument_group("classifier")
+    add_arg(group, "--architecture", type=str, default="resnet50", choices=list(BACKBONES), help="backbone network")
+    add_arg(
+        group, "--backbone_weights", type=str, default="imagenet", help="imagenet, none, or a .pth of backbone weights"
+    )
+    add_arg(group, "--mode", type=str, default="normal", choices=("normal", "fix"), help="fix = frozen BatchNorm")
+    add_arg(
+        group,
+        "--regularization",
+        type=str.lower,
+        default="none",
+        choices=("none",),
+        help="weight regularisation of the reference (kernel_usage, orthogonal) is not implemented: only none",
+    )
+    add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16")
+    add_bool_arg(group, "--trainable-stem", True, "train the first convolution and its BatchNorm")
+    add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the classifier head)")
+    add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
+
+
+def parse_class_weight(
+    text: str | None, num_classes: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """``"none"`` -> None; ``"w1,...,wC"`` -> float32 [C] on ``device``; raises WSSSError on a wrong count."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    try:
+        weights = float_list(text)
+    except argparse.ArgumentTypeError as e:
+        raise WSSSError(f"--class_weight {text!r} is not a comma-separated list of numbers") from e
+    if len(weights) != num_classes:
+        raise WSSSError(f"--class_weight has {len(weights)} values but the dataset has {num_classes} classes")
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def check_augment(augment: str | None) -> None:
+    """Reject the reference's mixing augmentations, which this toolkit does not implement (WSSSError)."""
+    text = (augment or "").lower()
+    for name in ("cutmix", "mixup"):
+        if name in text:
+            raise WSSSError(
+                f"--augment {augment!r}: {name} is not implemented in this toolkit; "
+                "remove it (colorjitter, randaugment and clahe are available)"
+            )
+
+
+def build_train_data(args: argparse.Namespace, run: Run) -> tuple[DataSource, torch.utils.data.DataLoader]:
+    """Source and shuffled per-process loader of ``--domain_train`` with the random training transform."""
+    check_augment(args.augment)
+    source = source_from_args(args)
+    transform = build_classification_transform(args.min_image_size, args.max_image_size, args.image_size, args.augment)
+    loader = build_loader(ClassificationDataset(source, transform), run, train=True)
+    logger.info(
+        "training on %d images of %s (%d batches per process per epoch)", len(loader.dataset), args.domain, len(loader)
+    )
+    return source, loader
+
+
+def build_valid_loader(args: argparse.Namespace, run: Run) -> torch.utils.data.DataLoader | None:
+    """This process's shard of ``--domain_valid`` (images + GT masks) when ``--validate true``, else None."""
+    if not args.validate:
+        return None
+    source = source_from_args(args, domain=args.domain_valid)
+    if args.validate_priors and not source.has_masks:
+        raise WSSSError(
+            f"--domain_valid {args.domain_valid} has no GT masks: pick a domain with masks or --validate_priors false"
+        )
+    dataset = SegmentationDataset(source, build_validation_transform(args.image_size))
+    return build_loader(dataset, run, train=False)
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
+    """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
+    model = Classifier(
+        args.architecture,
+        num_classes,
+        backbone_weights=args.backbone_weights,
+        mode=args.mode,
+        dilated=args.dilated,
+        trainable_stem=args.trainable_stem,
+        trainable_backbone=args.trainable_backbone,
+    )
+    if args.restore:
+        load_classifier_weights(model, args.restore)
+    return model
+
+
+def add_trained_classifier(
+    ctx: TrainContext,
+    name: str,
+    model: Classifier,
+    args: argparse.Namespace,
+    lr_alpha: float = 1.0,
+    steps_divisor: int = 1,
+    max_grad_norm: float | None | str = "args",
+    ema: bool | None = None,
+) -> torch.nn.Module:
+    """Register ``model`` with its poly-LR optimizer (4 LR groups) in ``ctx``; returns the model to call.
+
+    Args:
+        lr_alpha: scales the base LR (P-NOC's ``--lr_alpha_oc``).
+        steps_divisor: shortens the schedule of a network stepped every N optimizer steps (P-NOC's OC interval).
+        max_grad_norm: gradient clipping; ``"args"`` (default) reads ``--max_grad_norm``, None disables it
+            (P-NOC passes ``--max_grad_norm_oc`` for its OC).
+        ema: keep an EMA copy; None reads ``--ema``.
+    """
+    groups = build_param_groups(
+        model.param_groups(), args.lr * lr_alpha, args.wd, args.lr_alpha_scratch, args.lr_alpha_bias
+    )
+    optimizer = build_optimizer(groups, args.optimizer)
+    scheduler = PolyLR(optimizer, max(1, ctx.total_optimizer_steps // max(1, steps_divisor)))
+    grad_norm = args.max_grad_norm if max_grad_norm == "args" else max_grad_norm
+    use_ema = bool(args.ema) if ema is None else ema
+    sync_bn = bool(args.sync_bn) and model.model_kwargs.get("mode") == "normal"
+    return ctx.add(name, model, optimizer, scheduler, max_grad_norm=grad_norm, ema=use_ema, sync_bn=sync_bn)
+
+
+def log_run_plan(ctx: TrainContext, args: argparse.Namespace) -> None:
+    """Log once how many optimizer steps of how many images the run makes (derived numbers, not flags)."""
+    logger.info(
+        "%d optimizer steps of %d images (%d per process x %d accumulated x %d processes)",
+        ctx.total_optimizer_steps,
+        args.batch_size * ctx.accumulate_steps,
+        ctx.run.local_batch_size,
+        ctx.accumulate_steps,
+        ctx.run.dist.world_size,
+    )
+
+
+def make_validate_fn(
+    args: argparse.Namespace, loader: torch.utils.data.DataLoader | None, class_names: list[str], name: str = "cg"
+) -> ValidateFn | None:
+    """End-of-epoch validation of network ``name`` (its EMA copy with ``--ema true``); None without ``--validate``."""
+    if loader is None:
+        return None
+
+    def validate(ctx: TrainContext, epoch: int) -> dict[str, Any]:
+        results = validation.validate_classifier(
+            ctx.final_module(name),
+            loader,
+            ctx.device,
+            class_names,
+            args.validate_thresholds,
+            args.validate_max_steps,
+            with_cams=args.validate_priors,
+            autocast=ctx.autocast,
+        )
+        if "miou" in results:
+            logger.info(
+                "validation epoch %d: mIoU %.2f at threshold %.2f, F1 %.2f",
+                epoch + 1,
+                results["miou"],
+                results["threshold"],
+                results["f1"],
+            )
+        return results
+
+    return validate

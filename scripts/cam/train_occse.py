@@ -1,0 +1,63 @@
+"""Train a CAM generator with OC-CSE: class-specific erasing against a frozen ordinary classifier (SPEC §4.4).
+
+Loss: ``L = L_c + a_o(t)·L_o``. Per image one present class ``r`` is chosen (``--oc-strategy``); its ReLU'd map,
+upsampled and divided by the batch maximum (``--oc-mask-globalnorm true``), softly erases it: ``x·(1 - M_r)``.
+The frozen ordinary classifier (``--oc-pretrained``, e.g. a train_vanilla.py model) must then still recognise the
+other classes but not ``r``: ``L_o = MLSM(oc(x·(1 - M_r)), smooth(y \\ r))``, whose gradient reaches the generator
+through the mask. ``a_o`` ramps from ``--oc-alpha-init`` 0.3 to ``--oc-alpha`` 1.0 over the run.
+The reference recipe uses ``--mode fix --trainable-stem false --dilated true``.
+
+Reads:  <data_dir> images and labels of --domain_train (default train_aug); --oc-pretrained weights;
+        GT masks of --domain_valid (default train) with --validate true
+Writes: experiments/models/<tag>.pth (final weights, EMA if --ema true);
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+Example:
+    torchrun --nproc_per_node=4 scripts/cam/train_occse.py --tag occse/voc12-rs269-occse-r1 \\
+        --data_dir $WSSS_DATA_DIR --architecture resnest269 --mode fix --trainable-stem false --dilated true \\
+        --oc-architecture resnest269 --oc-pretrained experiments/models/vanilla/voc12-rs269ls-r1.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from core import cam_training, cli, engine, methods, runtime
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("train_occse", description=__doc__.splitlines()[0], add_help=add_help)
+    cam_training.add_cam_data_args(parser)
+    cam_training.add_classifier_args(parser)
+    methods.add_oc_args(parser)
+    engine.add_training_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    methods.check_oc_pretrained(args)  # fail before any folder is created
+    run = runtime.setup(args, stage="cam")
+    try:
+        source, train_loader = cam_training.build_train_data(args, run)
+        valid_loader = cam_training.build_valid_loader(args, run)
+        class_weight = cam_training.parse_class_weight(args.class_weight, source.num_classes, run.device)
+
+        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
+        cam_training.add_trained_classifier(ctx, "cg", cam_training.build_classifier(args, source.num_classes), args)
+        ctx.add("oc", methods.build_ordinary_classifier(args, source.num_classes, trainable=False))  # frozen
+        splitter = methods.build_label_splitter(args, source.num_classes)
+        ctx.add_state("label_splitter", splitter)
+        cam_training.log_run_plan(ctx, args)
+
+        step_fn = methods.build_step_fn("occse", args, splitter, class_weight)
+        validate_fn = cam_training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
+        return engine.fit(ctx, train_loader, step_fn, validate_fn)
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

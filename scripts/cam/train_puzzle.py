@@ -1,0 +1,57 @@
+"""Train a CAM generator with Puzzle-CAM (stage: cam, SPEC §4.3).
+
+Loss: ``L = L_c + L_p + α(t)·L_re``. ``L_c = MLSM(f(x), ỹ)``; the batch is also cut into ``--num_pieces`` tiles
+(2x2), the tile maps are stitched back into ``A_re``, ``L_p = MLSM(GAP(A_re), ỹ)`` and
+``L_re = mean(|A - A_re| · y)`` over the raw maps of the present classes (``--re_loss``, ``--re_loss_option``,
+``--level``). ``α`` ramps linearly from ``--alpha_init`` 0 to ``--alpha`` 4 over the first ``--alpha_schedule`` 50 %
+of the steps. ``--image_size`` must be a multiple of 2 x the output stride (32, or 16 when dilated).
+
+Reads:  <data_dir> images and labels of --domain_train (default train_aug);
+        GT masks of --domain_valid (default train) with --validate true
+Writes: experiments/models/<tag>.pth (final weights, EMA if --ema true);
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+Example:
+    torchrun --nproc_per_node=4 scripts/cam/train_puzzle.py --tag puzzle/voc12-rs269-puzzle-r1 \\
+        --data_dir $WSSS_DATA_DIR --architecture resnest269 --alpha 4.0 --mixed_precision true
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from core import cam_training, cli, engine, methods, runtime
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("train_puzzle", description=__doc__.splitlines()[0], add_help=add_help)
+    cam_training.add_cam_data_args(parser)
+    cam_training.add_classifier_args(parser)
+    methods.add_puzzle_args(parser, alpha=4.0)
+    engine.add_training_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    run = runtime.setup(args, stage="cam")
+    try:
+        source, train_loader = cam_training.build_train_data(args, run)
+        valid_loader = cam_training.build_valid_loader(args, run)
+        class_weight = cam_training.parse_class_weight(args.class_weight, source.num_classes, run.device)
+
+        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
+        cam_training.add_trained_classifier(ctx, "cg", cam_training.build_classifier(args, source.num_classes), args)
+        cam_training.log_run_plan(ctx, args)
+
+        step_fn = methods.build_step_fn("puzzle", args, class_weight=class_weight)
+        validate_fn = cam_training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
+        return engine.fit(ctx, train_loader, step_fn, validate_fn)
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
