@@ -1,0 +1,209 @@
+"""CAM inference: multi-scale + flip class activation maps of a trained classifier for every image of a domain.
+
+Per image (SPEC §5): for each scale a PIL-bicubic resize, one forward of (image, mirrored image) as a batch of 2,
+ReLU, map + un-mirrored map; the scales are summed after bilinear resizing to the stride-4 size (``cam``) and to the
+image size (``hr_cam``); only the image's ground-truth classes are kept, each divided by its own maximum. Images whose
+label has no foreground class get no file (``--exclude_bg_images true``, counted in the log). Finished files are
+skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world_size]``.
+
+Reads:  experiments/models/<weights or tag>.pth; the images and image-level labels of --domain
+Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys, cam, hr_cam; see core/artifacts.py)
+Example:
+    python scripts/cam/inference.py --architecture resnest269 --tag pnoc/voc12-rs269-pnoc \\
+        --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train --mixed_precision true
+    torchrun --nproc_per_node=4 scripts/cam/inference.py --architecture resnest269 --tag pnoc/voc12-rs269-pnoc ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import checkpoint, cli, distributed, inference
+from core.artifacts import CAM_SUFFIX, cam_path, save_cam
+from core.cams import multiscale_cams
+from core.datasets import source_from_args
+from core.datasets.transforms import resize_image
+from core.errors import WSSSError
+from core.models import BACKBONES, Classifier, load_classifier_weights
+
+logger = logging.getLogger(__name__)
+
+OOM_HINT = "--resize 512 (or smaller) or fewer --scales"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("cam_inference", description=__doc__.splitlines()[0], add_help=add_help)
+    cli.add_dataset_args(parser, domain="train")
+    group = parser.add_argument_group("classifier")
+    cli.add_arg(group, "--architecture", type=str, default="resnet50", choices=list(BACKBONES), help="backbone network")
+    cli.add_arg(
+        group,
+        "--backbone_weights",
+        type=str,
+        default="none",
+        help="initial backbone weights (default none: the checkpoint supplies every weight, nothing is downloaded)",
+    )
+    cli.add_arg(
+        group, "--mode", type=str, default="normal", choices=("normal", "fix"), help="BatchNorm mode of the run"
+    )
+    cli.add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16 (as the run was trained)")
+    cli.add_bool_arg(group, "--trainable-stem", True, "accepted for command-line compatibility; no effect at inference")
+    cli.add_arg(
+        group,
+        "--regularization",
+        type=str,
+        default="none",
+        choices=("none",),
+        help="accepted for command-line compatibility (only none)",
+    )
+    cli.add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
+    cli.add_arg(
+        group,
+        "--weights",
+        type=str,
+        default=None,
+        help="weights tag (experiments/models/<weights>.pth) or a .pth path (default: --tag)",
+    )
+    cli.add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
+    group = parser.add_argument_group("inference")
+    cli.add_arg(group, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="comma-separated scales")
+    cli.add_arg(
+        group,
+        "--resize",
+        type=int,
+        default=None,
+        help="square pre-resize to N x N pixels for huge images (CAMs are mapped back to the original size)",
+    )
+    cli.add_bool_arg(group, "--exclude_bg_images", True, "write no file for images without a foreground class")
+    cli.add_arg(
+        group,
+        "--pred_dir",
+        type=str,
+        default=None,
+        help="output folder (default experiments/predictions/<tag>@<domain>@scale=<scales>)",
+    )
+    cli.add_arg(
+        group, "--device", type=str, default="auto", choices=distributed.DEVICES, help="auto = cuda if available"
+    )
+    cli.add_bool_arg(group, "--mixed_precision", False, "autocast the forward (CUDA only; ignored on CPU)")
+    cli.add_arg(group, "--num_workers", type=int, default=4, help="image-decoding worker processes per process")
+    return parser
+
+
+def weights_path(args: argparse.Namespace) -> Path:
+    """``--weights`` as a ``.pth`` path, else ``experiments/models/<weights or tag>.pth``; must exist."""
+    name = args.weights or args.tag
+    path = Path(name) if name.endswith(".pth") else checkpoint.final_weights_path(name)
+    if not path.is_file():
+        raise WSSSError(
+            f"weights {path} not found; train them first (e.g. python scripts/cam/train_pnoc.py --tag {name}) "
+            "or pass --weights TAG_OR_PTH"
+        )
+    return path
+
+
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
+    """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
+    path = weights_path(args)
+    model = Classifier(
+        args.architecture,
+        num_classes,
+        backbone_weights=args.backbone_weights,
+        mode=args.mode,
+        dilated=args.dilated,
+        trainable_stem=args.trainable_stem,
+    )
+    load_classifier_weights(model, path, trusted=args.trust_checkpoint)
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--pred_dir``, else ``experiments/predictions/<tag>@<domain>@scale=<scales>``."""
+    return Path(args.pred_dir) if args.pred_dir else inference.predictions_dir(args.tag, args.domain, args.scales)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if not args.scales or min(args.scales) <= 0:
+        raise WSSSError(f"--scales must be positive numbers, got {args.scales}")
+    if args.resize is not None and args.resize < 16:
+        raise WSSSError(f"--resize {args.resize} is too small; use at least 16 pixels, or leave it out")
+
+
+def make_cam_writer(
+    args: argparse.Namespace, model: nn.Module, device: torch.device, out_dir: Path
+) -> Callable[[dict[str, Any]], None]:
+    """The per-image step of :func:`core.inference.run_over_images`: CAMs of the GT classes -> ``<id>.npz``."""
+    on_cuda = device.type == "cuda"
+
+    def write(item: dict[str, Any]) -> None:
+        image, height, width = item["image"], *item["image"].shape[:2]
+        if args.resize:
+            image = resize_image(image, args.resize, args.resize)
+        with inference.stop_on_oom(item["id"], (height, width), OOM_HINT):
+            keys, cam, hr_cam = multiscale_cams(
+                model,
+                image,
+                args.scales,
+                device=device,
+                keys=inference.foreground_keys(item["label"]),
+                mixed_precision=bool(args.mixed_precision) and on_cuda,
+                channels_last=on_cuda,
+                output_size=(height, width),
+            )
+        save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
+
+    return write
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_flags(args)
+    info = distributed.init_distributed(args.device)
+    try:
+        source = source_from_args(args)
+        out_dir = output_dir(args)
+        labels = inference.require_labels(source, "CAM inference")
+        with_fg, background_only = inference.split_background_only(labels)
+        if not with_fg:
+            raise WSSSError(
+                f"no image of --domain {args.domain} has a foreground class in its labels; CAM inference needs "
+                "image-level labels (unlabelled lists such as VOC test cannot be used)"
+            )
+        ids, excluded = (with_fg, len(background_only)) if args.exclude_bg_images else (list(labels), 0)
+        if args.mixed_precision and info.device.type != "cuda":
+            logger.info("--mixed_precision is ignored on %s (CAMs are computed in float32)", info.device)
+        model = build_model(args, source.num_classes, info.device)
+        logger.info(
+            "CAM inference of %s on %d of %d images of %s (%d without foreground excluded), scales %s -> %s",
+            args.tag, len(ids), len(labels), args.domain, excluded, inference.format_scales(args.scales), out_dir,
+        )  # fmt: skip
+        writer = make_cam_writer(args, model, info.device, out_dir)
+        summary = inference.run_over_images(
+            source, ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="cams"
+        )
+        logger.info(
+            "wrote %d CAM files (%d already done) at %.2f images/s; %d background-only images got no file",
+            summary.written, summary.skipped, summary.images_per_s, excluded,
+        )  # fmt: skip
+        return {
+            "written": summary.written,
+            "skipped": summary.skipped,
+            "excluded": excluded,
+            "out_dir": str(out_dir),
+            "images_per_s": round(summary.images_per_s, 3),
+        }
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

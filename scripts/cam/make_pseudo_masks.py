@@ -1,0 +1,182 @@
+"""Pseudo masks from CAM files: the evaluator's decoding at one background threshold, as palette label PNGs.
+
+Per image: background = ``--threshold`` (or ``1 - saliency`` with ``--sal_dir``); a pixel takes the class of its
+largest CAM when that beats the background (ties go to the background), optionally refined by the label CRF
+(``--crf_t``, ``--crf_gt_prob``). With ``--bg_threshold B`` pixels whose largest CAM lies in ``(B, threshold]``
+become 255 (uncertain), IRN-style. Images without a foreground class have no CAM file; they get an all-background
+mask with ``--fill_missing_as_background true``. Finished PNGs are skipped (resumable); the output is scored with
+``scripts/evaluate.py --mode png``.
+
+Reads:  <pred_dir>/<id>.npz (legacy <id>.npy with --allow_pickle), image-level labels of --domain,
+        <sal_dir>/<id>.png (optional), the images (only with --crf_t > 0 or for background-only fills)
+Writes: <output>/<id>.png, uint8 palette PNG: 0 = background, 1..C = classes, 255 = uncertain
+        (default output <pred_dir>/pseudo_labels@t=<threshold>[@bg=<bg_threshold>][@sal][@crf=<crf_t>])
+Example:
+    python scripts/cam/make_pseudo_masks.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train \\
+        --experiment_name "pnoc/voc12-rs269-pnoc@train@scale=0.5,1.0,1.5,2.0" --threshold 0.3 --crf_t 10
+    python scripts/evaluate.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train --mode png --pred_dir \\
+        "experiments/predictions/pnoc/voc12-rs269-pnoc@train@scale=0.5,1.0,1.5,2.0/pseudo_labels@t=0.3@crf=10"
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from core import cli, distributed, inference
+from core.artifacts import PNG_SUFFIX, pending_ids
+from core.datasets import source_from_args
+from core.errors import WSSSError
+from core.parallel import chunked, default_num_workers, parallel_map
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("make_pseudo_masks", description=__doc__.splitlines()[0], add_help=add_help)
+    cli.add_dataset_args(parser, domain="train")
+    group = parser.add_argument_group("cams")
+    cli.add_arg(
+        group,
+        "--experiment_name",
+        type=str,
+        default=None,
+        help=f"CAM folder {inference.PREDICTIONS_DIR}/<name> (as written by scripts/cam/inference.py)",
+    )
+    cli.add_arg(group, "--pred_dir", type=str, default=None, help="CAM folder (overrides --experiment_name)")
+    cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
+    cli.add_bool_arg(
+        group,
+        "--fill_missing_as_background",
+        False,
+        "images without a foreground class and without a CAM file get an all-background mask",
+    )
+    group = parser.add_argument_group("decoding")
+    cli.add_arg(group, "--threshold", type=float, default=0.25, help="background threshold (default 0.25)")
+    cli.add_arg(
+        group,
+        "--bg_threshold",
+        type=float,
+        default=None,
+        help="lower end of an uncertain band: max CAM in (bg_threshold, threshold] -> 255 (default: no band)",
+    )
+    cli.add_arg(group, "--sal_dir", type=str, default=None, help="background = 1 - <sal_dir>/<id>.png instead")
+    cli.add_arg(group, "--crf_t", type=int, default=0, help="label-CRF iterations (0 = off)")
+    cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7, help="label-CRF confidence in the CAM labels")
+    group = parser.add_argument_group("output")
+    cli.add_arg(group, "--output", type=str, default=None, help="output folder (default: inside the CAM folder)")
+    cli.add_arg(
+        group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"
+    )
+    return parser
+
+
+def cam_dir(args: argparse.Namespace) -> Path:
+    """``--pred_dir``, else ``experiments/predictions/<experiment_name>``; must exist."""
+    if args.pred_dir:
+        folder = Path(args.pred_dir)
+    elif args.experiment_name:
+        folder = inference.PREDICTIONS_DIR / args.experiment_name
+    else:
+        raise WSSSError("no CAM folder given; pass --experiment_name NAME or --pred_dir DIR")
+    if not folder.is_dir():
+        raise WSSSError(f"CAM folder {folder} does not exist; run scripts/cam/inference.py first or fix --pred_dir")
+    return folder
+
+
+def output_dir(args: argparse.Namespace, cams: Path) -> Path:
+    """``--output``, else a folder inside the CAM folder whose name records every decoding setting."""
+    if args.output:
+        return Path(args.output)
+    name = f"pseudo_labels@t={args.threshold:g}" if args.sal_dir is None else "pseudo_labels@sal"
+    if args.bg_threshold is not None:
+        name += f"@bg={args.bg_threshold:g}"
+    if args.crf_t > 0:
+        name += f"@crf={args.crf_t}" + (f"@gt={args.crf_gt_prob:g}" if args.crf_gt_prob != 0.7 else "")
+    return cams / name
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if args.bg_threshold is not None and args.sal_dir:
+        raise WSSSError("--bg_threshold needs a constant --threshold; it cannot be combined with --sal_dir")
+    if args.bg_threshold is not None and args.bg_threshold > args.threshold:
+        raise WSSSError(f"--bg_threshold {args.bg_threshold} must not exceed --threshold {args.threshold}")
+    if args.crf_t > 0 and not 0 < args.crf_gt_prob < 1:
+        raise WSSSError(f"--crf_gt_prob must lie strictly between 0 and 1 for the label CRF, got {args.crf_gt_prob}")
+    if args.sal_dir and not Path(args.sal_dir).is_dir():
+        raise WSSSError(f"saliency folder {args.sal_dir} does not exist; check --sal_dir")
+
+
+def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> inference.PseudoMaskJob:
+    """The settings every worker needs; background-only ids are fillable only with --fill_missing_as_background."""
+    background_only: frozenset[str] = frozenset()
+    if args.fill_missing_as_background:
+        labels = inference.require_labels(source, "--fill_missing_as_background")
+        background_only = frozenset(inference.split_background_only(labels)[1])
+    return inference.PseudoMaskJob(
+        source=source,
+        cam_dir=cams,
+        out_dir=out,
+        threshold=args.threshold,
+        bg_threshold=args.bg_threshold,
+        sal_dir=Path(args.sal_dir) if args.sal_dir else None,
+        crf_t=args.crf_t,
+        crf_gt_prob=args.crf_gt_prob,
+        allow_pickle=args.allow_pickle,
+        background_only=background_only,
+    )
+
+
+def check_inputs(args: argparse.Namespace, job: inference.PseudoMaskJob, ids: list[str]) -> None:
+    """Every id needs a CAM file (or a background-only fill) and, with ``--sal_dir``, a saliency map."""
+    missing = inference.missing_cam_files(job, ids)
+    if missing:
+        hint = "" if args.fill_missing_as_background else (
+            "; images without a foreground class have none: pass --fill_missing_as_background true for them"
+        )  # fmt: skip
+        raise WSSSError(
+            f"{inference.describe_missing(missing, len(ids), job.cam_dir)}; run scripts/cam/inference.py "
+            f"for --domain {args.domain} first{hint}"
+        )
+    if job.sal_dir is not None:
+        no_saliency = [i for i in ids if not (job.sal_dir / f"{i}{PNG_SUFFIX}").is_file()]
+        if no_saliency:
+            raise WSSSError(
+                f"{len(no_saliency)} of {len(ids)} saliency maps missing in {job.sal_dir} "
+                f"(first: {no_saliency[0]}); make them first or fix --sal_dir"
+            )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_flags(args)
+    info = distributed.init_distributed("cpu")
+    try:
+        source = source_from_args(args)
+        cams = cam_dir(args)
+        out = output_dir(args, cams)
+        job = build_job(args, source, cams, out)
+        check_inputs(args, job, source.ids)
+        mine = distributed.shard(source.ids, info.rank, info.world_size)
+        todo = pending_ids(mine, out, PNG_SUFFIX)
+        logger.info(
+            "pseudo masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
+        )
+        start = time.perf_counter()
+        chunks = chunked(todo, max(1, args.num_workers) * 8) if todo else []
+        writer = functools.partial(inference.write_pseudo_masks, job)
+        written = sum(parallel_map(writer, chunks, args.num_workers, desc="pseudo masks"))
+        seconds = time.perf_counter() - start
+        distributed.barrier()
+        filled = len([i for i in todo if i in job.background_only and job.cam_file(i) is None])
+        logger.info("wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", written, seconds, filled, out)
+        return {"written": written, "skipped": len(mine) - len(todo), "filled": filled, "out_dir": str(out)}
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
