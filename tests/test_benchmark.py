@@ -1,0 +1,121 @@
+"""tools/benchmark.py subcommands print one valid JSON object (tiny settings, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core import cli
+from tools import benchmark
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_json(argv: list[str], capsys) -> dict:
+    returned = benchmark.main(benchmark.get_args_parser().parse_args(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    printed = json.loads(lines[0])
+    assert printed == json.loads(json.dumps(returned))
+    return printed
+
+
+def test_train_times_every_requested_method(capsys):
+    result = run_json(
+        [
+            "train",
+            "--size",
+            "32",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--methods",
+            "vanilla,pnoc",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        capsys,
+    )
+    assert result["benchmark"] == "train" and result["device"] == "cpu" and result["threads"] == 1
+    assert set(result["methods"]) == {"vanilla", "pnoc"}
+    for timing in result["methods"].values():
+        assert timing["images_per_s"] > 0
+        assert timing["images_per_s"] == pytest.approx(2 / (timing["step_ms"] / 1000), rel=0.01)
+    # P-NOC does everything vanilla does plus tiles, an OC forward on erased images and an OC step.
+    assert result["methods"]["pnoc"]["step_ms"] > result["methods"]["vanilla"]["step_ms"]
+
+
+def test_train_step_updates_the_cam_generator_and_the_oc():
+    args = benchmark.get_args_parser().parse_args(["train", "--size", "32", "--batch_size", "2", "--device", "cpu"])
+    step, models = benchmark.build_train_step("pnoc", args, torch.device("cpu"))
+    before = {name: model.classifier.weight.detach().clone() for name, model in models.items()}
+    step()  # step 0: P-NOC's OC loss weight a_w starts at 0 (--ow-init), so only the generator moves
+    assert set(models) == {"cg", "oc"}
+    assert not torch.equal(models["cg"].classifier.weight, before["cg"])
+    assert torch.equal(models["oc"].classifier.weight, before["oc"])
+    step()
+    assert not torch.equal(models["oc"].classifier.weight, before["oc"])
+
+    step, models = benchmark.build_train_step("occse", args, torch.device("cpu"))
+    frozen_oc = models["oc"].classifier.weight.detach().clone()
+    step()
+    assert torch.equal(models["oc"].classifier.weight, frozen_oc)  # OC-CSE's ordinary classifier stays fixed
+
+
+def test_inference_reports_images_per_second(capsys):
+    result = run_json(
+        ["inference", "--size", "32", "--scales", "1.0,0.5", "--images", "2", "--warmup", "0", "--device", "cpu"],
+        capsys,
+    )
+    assert result["benchmark"] == "inference" and result["scales"] == [1.0, 0.5] and result["images"] == 2
+    assert result["images_per_s"] == pytest.approx(1000 / result["ms_per_image"], rel=0.01)
+
+
+def test_evaluate_subcommand_still_runs(capsys):
+    result = run_json(
+        [
+            "evaluate",
+            "--n",
+            "3",
+            "--height",
+            "32",
+            "--width",
+            "40",
+            "--workers",
+            "1",
+            "--repeat",
+            "1",
+            "--thresholds",
+            "4",
+        ],
+        capsys,
+    )
+    assert result["benchmark"] == "evaluate" and result["thresholds"] == 4 and 0 <= result["best_miou"] <= 100
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--methods", "vanilla,magic", "--device", "cpu"], "unknown --methods magic"),
+        (["train", "--size", "48", "--methods", "puzzle", "--device", "cpu"], "multiple of 32"),
+        (["inference", "--classes", "0", "--device", "cpu"], "--classes must lie in 1..20"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(benchmark.main, benchmark.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and "\n" not in err

@@ -1,0 +1,371 @@
+"""Time the toolkit's stages on generated data; each benchmark is a subcommand.
+
+    evaluate   N random VOC-sized CAM files + GT PNGs: time (a) only reading every CAM file and GT PNG, and
+               (b) the full threshold sweep of core.evaluation, with the same worker count. The sweep should cost
+               at most 1.5x the reading (it is one pass over the files).
+    train      images/s of one training step of each CAM method (vanilla, puzzle, occse, poc, pnoc) on a random
+               batch, through the training scripts' step code (core.methods); warm-up steps excluded.
+    inference  images/s of core.cams.multiscale_cams (multi-scale + flip CAMs of random square images).
+
+Reads:  nothing (data are generated in a temporary folder or in memory)
+Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
+Example:
+    python tools/benchmark.py evaluate --n 1000 --height 375 --width 500 --classes 3 --workers 8 --thresholds 16
+    python tools/benchmark.py train --architecture resnet50 --size 320 --batch_size 8 --steps 5 --device cuda \
+        --mixed_precision --channels_last
+    python tools/benchmark.py inference --architecture resnet50 --size 320 --scales 0.5,1.0,1.5,2.0 --images 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import cli, methods
+from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
+from core.cams import multiscale_cams
+from core.datasets import VOC_CLASSES, build_source
+from core.distributed import DEVICES, DistInfo, resolve_device
+from core.engine import TrainContext, add_training_args
+from core.errors import WSSSError
+from core.evaluation import evaluate_predictions, threshold_range
+from core.models import BACKBONES, Classifier
+from core.occse import LabelSplitter
+from core.parallel import chunked, default_num_workers, parallel_map
+from core.runlog import MetricsWriter, WandbLogger
+from core.runtime import Run
+
+logger = logging.getLogger(__name__)
+
+BENCH_DOMAIN = "bench"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
+    cli.add_arg(parser, "--n", type=int, default=1000, help="number of generated images (default 1000)")
+    cli.add_arg(parser, "--height", type=int, default=375, help="image height (default 375, VOC-like)")
+    cli.add_arg(parser, "--width", type=int, default=500, help="image width (default 500)")
+    cli.add_arg(parser, "--classes", type=int, default=3, help="CAM planes (present classes) per image (default 3)")
+    cli.add_arg(parser, "--workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))")
+    cli.add_arg(parser, "--thresholds", type=int, default=16, help="thresholds of the sweep, step 0.05 from 0.05")
+    cli.add_arg(parser, "--repeat", type=int, default=2, help="time each phase this many times, keep the fastest")
+    cli.add_arg(parser, "--seed", type=int, default=0, help="random seed of the generated data")
+
+
+def _random_gt(rng: np.random.Generator, keys: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A VOC-like mask: background, one rectangle per class with a 255 border band (compresses like real GT)."""
+    gt = np.zeros((height, width), dtype=np.uint8)
+    for key in keys:
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        bottom, right = top + rng.integers(height // 8, height // 2), left + rng.integers(width // 8, width // 2)
+        gt[top:bottom, left:right] = 255
+        gt[top + 3 : bottom - 3, left + 3 : right - 3] = key
+    return gt
+
+
+def _random_cams(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
+    """Smooth random maps in [0, 1]: float32 [n, H, W] (coarse noise upsampled, max-normalised like real CAMs)."""
+    coarse = rng.random((n, height // 16 + 2, width // 16 + 2), dtype=np.float32)
+    rows = np.linspace(0, coarse.shape[1] - 1, height).astype(np.int64)
+    cols = np.linspace(0, coarse.shape[2] - 1, width).astype(np.int64)
+    cams = coarse[:, rows][:, :, cols] * rng.random((n, height, width), dtype=np.float32) ** 0.1
+    return cams / cams.max(axis=(1, 2), keepdims=True)
+
+
+def generate_evaluation_data(root: Path, n: int, height: int, width: int, classes: int, seed: int) -> Path:
+    """Write a ``custom`` dataset (masks, classes.txt, id list) and CAM files under ``root``; returns the CAM dir."""
+    rng = np.random.default_rng(seed)
+    ids = [f"img_{i:06d}" for i in range(n)]
+    cam_dir = root / "cams"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "lists").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    (root / "lists" / f"{BENCH_DOMAIN}.txt").write_text("\n".join(ids) + "\n")
+    strided = strided_size(height, width)
+    for image_id in ids:
+        keys = np.sort(rng.choice(np.arange(1, len(VOC_CLASSES)), size=classes, replace=False))
+        hr_cam = _random_cams(rng, classes, height, width)
+        save_cam(cam_path(cam_dir, image_id), keys, hr_cam[:, ::4, ::4][:, : strided[0], : strided[1]], hr_cam)
+        save_label_map(root / "masks" / f"{image_id}.png", _random_gt(rng, keys, height, width))
+    return cam_dir
+
+
+def _read_files(source: Any, items: list[tuple[str, Path]]) -> int:
+    """Read what the sweep reads (keys + hr_cam, GT mask) and nothing else; returns the number of pixels read."""
+    pixels = 0
+    for image_id, path in items:
+        pixels += load_cam(path, with_cam=False).hr_cam.size + source.read_mask(image_id).size
+    return pixels
+
+
+def _best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    best, value = float("inf"), None
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, value
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    thresholds = threshold_range(0.05, 0.05 * args.thresholds, 0.05)
+    with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        cam_dir = generate_evaluation_data(root, args.n, args.height, args.width, args.classes, args.seed)
+        generate_s = time.perf_counter() - start
+        source = build_source("custom", root, BENCH_DOMAIN)
+        items = [(i, cam_path(cam_dir, i)) for i in source.ids]
+        chunks = chunked(items, max(1, args.workers) * 8)  # the chunking core.evaluation uses
+        read = functools.partial(_read_files, source)
+        _read_files(source, items[: min(len(items), 20)])  # warm imports and caches outside the timings
+        read_s, _ = _best_time(lambda: parallel_map(read, chunks, args.workers, progress=False), args.repeat)
+        sweep_s, result = _best_time(
+            lambda: evaluate_predictions(source, cam_dir, "npy", thresholds, num_workers=args.workers, progress=False),
+            args.repeat,
+        )
+    return {
+        "benchmark": "evaluate",
+        "n": args.n,
+        "height": args.height,
+        "width": args.width,
+        "classes": args.classes,
+        "workers": args.workers,
+        "thresholds": len(thresholds),
+        "generate_s": round(generate_s, 3),
+        "read_s": round(read_s, 3),
+        "sweep_s": round(sweep_s, 3),
+        "ratio": round(sweep_s / read_s, 3),
+        "read_ms_per_image": round(1000 * read_s / args.n, 3),
+        "sweep_ms_per_image": round(1000 * sweep_s / args.n, 3),
+        "best_miou": round(result.results[result.best]["miou"], 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# train and inference (random tensors, random weights)
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAIN_METHODS = tuple(methods.METHOD_PARTS)  # vanilla, puzzle, occse, poc, pnoc
+BENCH_CLASSES = 20  # VOC's foreground classes
+
+
+def add_model_args(parser: argparse.ArgumentParser, size: int) -> None:
+    """Flags shared by ``train`` and ``inference``: network, input size, device and speed switches."""
+    cli.add_arg(parser, "--architecture", type=str, default="resnet18", choices=list(BACKBONES), help="backbone")
+    cli.add_arg(parser, "--size", type=int, default=size, help=f"square input side in pixels (default {size})")
+    cli.add_arg(parser, "--device", type=str, default="auto", choices=DEVICES, help="auto = cuda when available")
+    cli.add_bool_arg(parser, "--mixed_precision", False, "autocast (bf16 where supported, else fp16 + GradScaler)")
+    cli.add_bool_arg(parser, "--channels_last", False, "channels-last memory format for the network and inputs")
+    cli.add_arg(parser, "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    cli.add_arg(parser, "--seed", type=int, default=0, help="random seed of weights and data")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, size=128)
+    cli.add_arg(parser, "--batch_size", type=int, default=8, help="images per step (default 8)")
+    cli.add_arg(parser, "--steps", type=int, default=5, help="timed steps per method (default 5)")
+    cli.add_arg(parser, "--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    cli.add_arg(parser, "--methods", type=cli.str_list, default=list(TRAIN_METHODS),
+                help=f"comma-separated subset of {','.join(TRAIN_METHODS)}")
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, size=320)
+    cli.add_arg(parser, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="comma-separated scales")
+    cli.add_arg(parser, "--images", type=int, default=8, help="timed images (default 8)")
+    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed images first (default 1)")
+    cli.add_arg(parser, "--classes", type=int, default=2, help="GT classes kept per image (default 2)")
+
+
+def _setup_torch(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return resolve_device(args.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], repeat: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``repeat`` calls after ``warmup`` untimed ones (GPU work included)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) / max(1, repeat)
+
+
+def _inference_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    model = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none").to(device).eval()
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def method_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The training scripts' flags at their defaults (one epoch, no smoothing), with this benchmark's AMP switch."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_training_args(parser)
+    methods.add_puzzle_args(parser)
+    methods.add_oc_args(parser)
+    methods.add_pnoc_args(parser)
+    flags = parser.parse_args([])
+    flags.label_smoothing = 0.0
+    flags.mixed_precision = bool(args.mixed_precision)
+    flags.max_epoch = 1
+    flags.batch_size = args.batch_size
+    return flags
+
+
+def bench_context(args: argparse.Namespace, flags: argparse.Namespace, device: torch.device) -> TrainContext:
+    """A :class:`TrainContext` for one process that writes nothing (no run folder, metrics or W&B)."""
+    nowhere = Path(tempfile.gettempdir()) / "wsss-benchmark-unused"
+    run = Run(
+        args=flags, stage="benchmark", dist=DistInfo(device=device), run_dir=nowhere,
+        checkpoint_path=nowhere / "last.pth", final_path=nowhere.with_suffix(".pth"), resume=False,
+        local_batch_size=args.batch_size, metrics=MetricsWriter(None, enabled=False),
+        wandb=WandbLogger(False, name="benchmark", job_type="benchmark", config={}),
+    )  # fmt: skip
+    ctx = TrainContext(run, steps_per_epoch=args.warmup + args.steps)
+    ctx.channels_last = bool(args.channels_last)
+    return ctx
+
+
+def build_train_step(
+    method: str, args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[], None], dict[str, nn.Module]]:
+    """One training step of ``method`` on a fixed random batch, through the scripts' own step code.
+
+    The step is :func:`core.methods.build_step_fn`'s (the function ``core.engine.fit`` calls per batch): forward,
+    losses, backward and SGD step of the CAM generator ``cg`` and, for P-NOC, the ordinary classifier's ``oc`` step;
+    OC-CSE and P-OC use a frozen ``oc``.
+
+    Returns:
+        The step (no arguments) and its networks: ``cg`` and, for the OC-CSE family, ``oc``.
+    """
+    flags = method_flags(args)
+    ctx = bench_context(args, flags, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
+        "label": (torch.rand(args.batch_size, BENCH_CLASSES, generator=generator) < 0.1).float(),
+    }
+    batch["label"][:, 0] = 1.0  # every image has a class to erase
+    cg = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")
+    ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
+    splitter = None
+    if "oc" in methods.METHOD_PARTS[method]:
+        oc = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none", mode="fix")
+        trained = "adversary" in methods.METHOD_PARTS[method]
+        if not trained:
+            oc.requires_grad_(False)
+        ctx.add("oc", oc, torch.optim.SGD(oc.parameters(), lr=1e-4) if trained else None)
+        splitter = LabelSplitter(BENCH_CLASSES)
+    step_fn = methods.build_step_fn(method, flags, splitter)
+    counter = iter(range(1 << 62))
+
+    def step() -> None:
+        index = next(counter)
+        step_fn(ctx, batch, index)
+        ctx.step = index + 1
+
+    return step, {name: ctx.module(name) for name in ctx.members}
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    unknown = sorted(set(args.methods) - set(TRAIN_METHODS))
+    if unknown:
+        raise WSSSError(f"unknown --methods {','.join(unknown)}; choose from {','.join(TRAIN_METHODS)}")
+    if args.size % (2 * 16) and set(args.methods) & {"puzzle", "poc", "pnoc"}:
+        raise WSSSError(f"--size {args.size}: Puzzle tiling needs a multiple of 32 (2 tiles x output stride 16)")
+    device = _setup_torch(args)
+    methods = {}
+    for method in args.methods:
+        step, _ = build_train_step(method, args, device)
+        seconds = _timed(step, args.steps, args.warmup, device)
+        methods[method] = {"images_per_s": round(args.batch_size / seconds, 3), "step_ms": round(1000 * seconds, 1)}
+        logger.info("%s: %.1f ms per step of %d images", method, 1000 * seconds, args.batch_size)
+    return {
+        "benchmark": "train", "architecture": args.architecture, "size": args.size, "batch_size": args.batch_size,
+        "device": str(device), "mixed_precision": bool(args.mixed_precision), "channels_last": bool(args.channels_last),
+        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "step_code": "core.methods.build_step_fn",
+        "methods": methods,
+    }
+
+
+def run_inference(args: argparse.Namespace) -> dict[str, Any]:
+    if not 1 <= args.classes <= BENCH_CLASSES:
+        raise WSSSError(f"--classes must lie in 1..{BENCH_CLASSES}, got {args.classes}")
+    device = _setup_torch(args)
+    model = _inference_model(args, device)
+    rng = np.random.default_rng(args.seed)
+    total = args.warmup + args.images
+    images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(total)]
+    keys = [np.sort(rng.choice(np.arange(1, BENCH_CLASSES + 1), args.classes, replace=False)) for _ in range(total)]
+    position = iter(range(total))
+
+    def one_image() -> None:
+        index = next(position)
+        multiscale_cams(model, images[index], args.scales, device=device, keys=keys[index],
+                        mixed_precision=bool(args.mixed_precision), channels_last=bool(args.channels_last))
+
+    seconds = _timed(one_image, args.images, args.warmup, device)
+    return {
+        "benchmark": "inference", "architecture": args.architecture, "size": args.size,
+        "scales": list(args.scales), "images": args.images, "classes": args.classes, "device": str(device),
+        "mixed_precision": bool(args.mixed_precision), "channels_last": bool(args.channels_last),
+        "threads": torch.get_num_threads(), "images_per_s": round(1.0 / seconds, 3),
+        "ms_per_image": round(1000 * seconds, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+# name -> (flag builder, runner).
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {
+    "evaluate": (add_evaluate_args, run_evaluate),
+    "train": (add_train_args, run_train),
+    "inference": (add_inference_args, run_inference),
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("benchmark", description=__doc__.split("\n")[0], add_help=add_help)
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (add_args, _) in SUBCOMMANDS.items():
+        add_args(subparsers.add_parser(name, help=f"{name} benchmark"))
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    result = SUBCOMMANDS[args.benchmark][1](args)
+    print(json.dumps(result), file=sys.stdout, flush=True)  # the tool's output is this one JSON line
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
