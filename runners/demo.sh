@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: generate the synthetic VOC-layout benchmark, run every stage that exists
+# on CPU and print a table of mIoU per stage. Rerunning resumes (finished outputs are kept and skipped).
+#   make demo              # creates .venv first
+#   bash runners/demo.sh   # inside an environment that already has requirements.txt installed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DATASET=synthetic NGPU=${NGPU:-1} PY=${PY:-python}
+export WORKERS_TRAIN=${WORKERS_TRAIN:-2} WORKERS_INFER=${WORKERS_INFER:-2}
+export DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
+export EID=${EID:-demo}
+export LAUNCH=${LAUNCH:-$PY}  # one CPU process: no torchrun needed (runners/1-priors.sh uses torchrun by default)
+
+if [[ ! -f "$DATA_DIR/synthetic.json" ]]; then
+  $PY tools/make_synthetic_voc.py --out "$DATA_DIR" --train "${SYN_TRAIN:-200}" --val "${SYN_VAL:-100}" \
+    --aug "${SYN_AUG:-300}" --size "${SYN_SIZE:-96}" --classes "${SYN_CLASSES:-8}" --seed 0
+fi
+
+start=$(date +%s)
+bash runners/1-priors.sh
+echo
+echo "CAM quality on the synthetic $DATA_DIR (train split, best background threshold), $(( $(date +%s) - start )) s:"
+$PY tools/summarize_results.py experiments/results/synthetic/*"-$EID@"*.json
