@@ -4,7 +4,8 @@
 #   make demo              # creates .venv first
 #   bash runners/demo.sh   # inside an environment that already has requirements.txt installed
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/runners/config/env.sh"
 export DATASET=synthetic NGPU=${NGPU:-1} PY=${PY:-python}
 export WORKERS_TRAIN=${WORKERS_TRAIN:-2} WORKERS_INFER=${WORKERS_INFER:-2}
 export DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
@@ -12,12 +13,12 @@ export EID=${EID:-demo}
 export LAUNCH=${LAUNCH:-$PY}  # one CPU process: no torchrun needed (runners/1-priors.sh uses torchrun by default)
 
 if [[ ! -f "$DATA_DIR/synthetic.json" ]]; then
-  $PY tools/make_synthetic_voc.py --out "$DATA_DIR" --train "${SYN_TRAIN:-200}" --val "${SYN_VAL:-100}" \
+  $PY "$REPO/tools/make_synthetic_voc.py" --out "$DATA_DIR" --train "${SYN_TRAIN:-200}" --val "${SYN_VAL:-100}" \
     --aug "${SYN_AUG:-300}" --size "${SYN_SIZE:-96}" --classes "${SYN_CLASSES:-8}" --seed 0
 fi
 
 start=$(date +%s)
-bash runners/1-priors.sh
+bash "$REPO/runners/1-priors.sh"
 echo
 echo "CAM quality on the synthetic $DATA_DIR (train split, best background threshold), $(( $(date +%s) - start )) s:"
-$PY tools/summarize_results.py experiments/results/synthetic/*"-$EID@"*.json
+$PY "$REPO/tools/summarize_results.py" experiments/results/synthetic/*"-$EID@"*.json

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's performance figures, one JSON line each, into experiments/benchmarks/<host>.jsonl:
+# the evaluation sweep vs plain reading (1,000 VOC-sized CAM files), training steps of the five CAM methods and
+# multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU, and, when CUDA is present,
+# ResNeSt-269 at 512 px with AMP and channels_last.
+#   bash runners/benchmark.sh                 # inside an environment with requirements.txt installed
+#   EVAL_N=200 SIZES="128" bash runners/benchmark.sh   # a quicker pass
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/runners/config/env.sh"
+PY=${PY:-python}
+EVAL_N=${EVAL_N:-1000}
+WORKERS=${WORKERS:-$(nproc)}
+SIZES=${SIZES:-"128 320"}
+ARCHS=${ARCHS:-"resnet18 resnet50"}
+OUT=${OUT:-experiments/benchmarks/$(hostname).jsonl}
+mkdir -p "$(dirname "$OUT")"
+
+bench() { $PY "$REPO/tools/benchmark.py" "$@" | tee -a "$OUT"; }
+
+bench evaluate --n "$EVAL_N" --height 375 --width 500 --classes 3 --workers "$WORKERS" --thresholds 16
+for arch in $ARCHS; do
+  for size in $SIZES; do
+    bench train --architecture "$arch" --size "$size" --batch_size 8 --steps 3 --warmup 1 --device cpu
+    bench inference --architecture "$arch" --size "$size" --images 4 --device cpu
+  done
+done
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  bench train --architecture resnest269 --size 512 --batch_size 16 --steps 10 --device cuda \
+    --mixed_precision --channels_last
+  bench inference --architecture resnest269 --size 512 --images 16 --device cuda --mixed_precision --channels_last
+fi
+echo "wrote $OUT"
