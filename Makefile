@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test bench install clean-demo
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash runners/demo.sh
+
+bench: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash runners/benchmark.sh
 
 test: $(VENV)/.installed
 	$(VPY) -m pytest -q

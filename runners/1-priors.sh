@@ -31,8 +31,16 @@ if has_stage pnoc && ! done_already "$TAG_PNOC"; then
     "${pnoc_flags[@]}"
 fi
 
+results=()
 for TAG in $TAG_OC $TAG_PNOC; do
   for DOMAIN in $DOMAIN_VALID; do
     cam_infer_and_evaluate "$TAG" "$DOMAIN"
+    results+=("$(result_json "$TAG" "$DOMAIN")")
   done
 done
+
+if has_stage evaluate; then
+  echo
+  echo "CAM mIoU on $DATASET/$DOMAIN_VALID ($ARCH; best background threshold of the sweep, chosen on this split's GT):"
+  $PY "$REPO/tools/summarize_results.py" "${results[@]}"
+fi

@@ -40,7 +40,7 @@ for METHOD in $METHODS; do
       --backbone_weights "${CG_WEIGHTS:-$BACKBONE_WEIGHTS}" --max_epoch "$EPOCHS" --label_smoothing 0.1 $(method_flags "$METHOD")
   fi
   cam_infer_and_evaluate "$TAG" "$DOMAIN_VALID"
-  results+=("experiments/results/$DATASET/${TAG//\//_}@$DOMAIN_VALID.json")
+  results+=("$(result_json "$TAG" "$DOMAIN_VALID")")
 done
 
 echo

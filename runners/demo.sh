@@ -5,12 +5,12 @@
 #   bash runners/demo.sh   # inside an environment that already has requirements.txt installed
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-source "$REPO/runners/config/env.sh"
 export DATASET=synthetic NGPU=${NGPU:-1} PY=${PY:-python}
 export WORKERS_TRAIN=${WORKERS_TRAIN:-2} WORKERS_INFER=${WORKERS_INFER:-2}
 export DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
 export EID=${EID:-demo}
 export LAUNCH=${LAUNCH:-$PY}  # one CPU process: no torchrun needed (runners/1-priors.sh uses torchrun by default)
+source "$REPO/runners/config/env.sh"  # after the demo's defaults, which it would otherwise replace
 
 if [[ ! -f "$DATA_DIR/synthetic.json" ]]; then
   $PY "$REPO/tools/make_synthetic_voc.py" --out "$DATA_DIR" --train "${SYN_TRAIN:-200}" --val "${SYN_VAL:-100}" \
@@ -18,7 +18,5 @@ if [[ ! -f "$DATA_DIR/synthetic.json" ]]; then
 fi
 
 start=$(date +%s)
-bash "$REPO/runners/1-priors.sh"
-echo
-echo "CAM quality on the synthetic $DATA_DIR (train split, best background threshold), $(( $(date +%s) - start )) s:"
-$PY "$REPO/tools/summarize_results.py" experiments/results/synthetic/*"-$EID@"*.json
+bash "$REPO/runners/1-priors.sh"  # ends with the table of CAM mIoU per stage
+echo "demo done in $(( $(date +%s) - start )) s; outputs under $WORK_DIR/experiments/"

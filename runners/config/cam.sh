@@ -17,6 +17,9 @@ pnoc_flags=(--alpha "$PUZZLE_ALPHA" --alpha_init 0.0 --alpha_schedule 0.5
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 done_already() { [[ -f "experiments/models/$1.pth" ]] && echo "[skip] experiments/models/$1.pth exists"; }
 
+# result_json TAG DOMAIN: where cam_infer_and_evaluate writes the scores of TAG on DOMAIN.
+result_json() { echo "experiments/results/$DATASET/${1//\//_}@$2.json"; }
+
 # cam_infer_and_evaluate TAG DOMAIN: multi-scale CAMs of TAG on DOMAIN, then the threshold sweep into
 # experiments/results/$DATASET/<tag with / as _>@<domain>.json (both resumable / rewritten cheaply).
 cam_infer_and_evaluate() {
@@ -30,6 +33,6 @@ cam_infer_and_evaluate() {
     mkdir -p "experiments/results/$DATASET"
     $PY "$REPO/scripts/evaluate.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$domain" --mode npy \
       --experiment_name "$tag@$domain@scale=$SCALES" --min_th 0.05 --max_th 0.80 --step_th 0.05 \
-      --num_workers "$WORKERS_INFER" --json "experiments/results/$DATASET/${tag//\//_}@$domain.json"
+      --num_workers "$WORKERS_INFER" --json "$(result_json "$tag" "$domain")"
   fi
 }

@@ -28,14 +28,15 @@ case "$DATASET" in
     # ImageNet initialisation of the real recipe (CG_WEIGHTS). Puzzle's reconstruction weight is 1 (the reference
     # P-OC script's default) instead of 4: at 96 px a tile's map is 3x3 cells, all of them at a tile border, so the
     # tile maps cannot match the full-image maps, and with weight 4 the generator flattens its maps below zero to
-    # make L_re vanish (measured: P-NOC CAM mIoU 25.6 with 4, 56.0 with 1; vanilla 53.4).
+    # make L_re vanish (measured, P-NOC b16x2 for 4 epochs: CAM mIoU 25.6 with 4, 52.7-56.0 with 1 over two
+    # data-loading orders; vanilla 53.4). P-NOC then gets the OC's batch and epochs (README's methods table).
     DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
     DOMAIN_TRAIN=train_aug; DOMAIN_VALID=train; DOMAIN_VALID_SEG=val
     IMAGE_SIZE=${IMAGE_SIZE:-96}; MIN_IMAGE_SIZE=${MIN_IMAGE_SIZE:-80}; MAX_IMAGE_SIZE=${MAX_IMAGE_SIZE:-112}
     LR=${LR:-0.001}; WD=1e-4; OPTIMIZER=adamw; AUGMENT_OC=none
     ARCH=${ARCH:-resnet18}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-none}
-    EPOCHS=${EPOCHS:-6}; EPOCHS_PNOC=${EPOCHS_PNOC:-4}
-    BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-16}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-2}
+    EPOCHS=${EPOCHS:-6}; EPOCHS_PNOC=${EPOCHS_PNOC:-6}
+    BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-32}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-1}
     PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=false ;;
   *)
     echo "error: unknown DATASET=$DATASET (choose voc12, coco14 or synthetic)" >&2; exit 2 ;;
