@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.datasets import DataSource, build_source
 from core.datasets.synthetic import make_synthetic_voc
@@ -28,3 +29,20 @@ def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def voc_source(synthetic_voc: Path) -> DataSource:
     """``build_source("voc12", synthetic_voc, "train")``."""
     return build_source("voc12", synthetic_voc, "train")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request: pytest.FixtureRequest):
+    """Run a test with ``@pytest.mark.torch_threads(N)`` (or a module's ``pytestmark``) on N torch threads.
+
+    On the 2-core CI machine a second OpenMP thread spin-waits next to data-loading workers and can make training
+    steps 10x slower, so the training tests ask for one or two threads; the previous count is restored after.
+    """
+    marker = request.node.get_closest_marker("torch_threads")
+    if marker is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(marker.args[0]))
+    yield
+    torch.set_num_threads(previous)

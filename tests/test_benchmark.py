@@ -10,13 +10,7 @@ import torch
 from core import cli
 from tools import benchmark
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 def run_json(argv: list[str], capsys) -> dict:

@@ -18,13 +18,7 @@ from core.ema import ModelEMA
 from core.errors import WSSSError
 from core.optim import PolyLR
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 class ToyImages(Dataset):
@@ -342,3 +336,9 @@ def test_fp16_scaler_skips_overflowing_steps_without_advancing_the_schedule(tmp_
     assert (member.optimizer_steps, member.skipped_steps) == (3, 1)
     t = [0, 1, 1, 2]  # the skipped step 1 does not advance the poly schedule
     assert lrs == pytest.approx([0.1 * (1 - k / 4) ** 0.9 for k in t])
+
+
+@pytest.mark.torch_threads(3)
+def test_torch_threads_marker_overrides_the_module_count():
+    # conftest's _torch_threads fixture: the test's own marker wins over the module's torch_threads(1).
+    assert torch.get_num_threads() == 3

@@ -23,18 +23,12 @@ from core.errors import WSSSError
 from core.models import Classifier
 from scripts.cam import inference as cam_inference
 
+pytestmark = pytest.mark.torch_threads(1)
+
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SCALES = "0.5,1.0"  # two scales keep the runs short; the reference-pinning test uses the default four
 FEW_IDS = 4
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture()

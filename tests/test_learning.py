@@ -18,18 +18,10 @@ from scripts import evaluate
 from scripts.cam import inference as cam_inference
 from scripts.cam import train_vanilla
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch_threads(2)]
 
 SCALES = "1.0"
 MIN_GAIN = 10.0  # mIoU points; measured: untrained 23.5, trained 39.8 (5 classes, 96 px, 12 epochs)
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

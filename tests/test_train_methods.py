@@ -13,17 +13,10 @@ from core.errors import WSSSError
 from core.models import Classifier, load_classifier_weights
 from scripts.cam import train_occse, train_pnoc, train_poc, train_puzzle
 
+pytestmark = pytest.mark.torch_threads(1)
+
 SCRIPTS = {"puzzle": train_puzzle, "occse": train_occse, "poc": train_poc, "pnoc": train_pnoc}
 STEPS = 6  # 24 `train` images of the synthetic tree, global batch 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on a shared 2-core machine, a second OpenMP thread spin-waits and can make steps 10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from core import cli
 from core.models import Classifier, load_classifier_weights
 from scripts.cam import train_vanilla
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 def flags(data_dir, *extra: str) -> list[str]:
