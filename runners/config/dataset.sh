@@ -1,4 +1,5 @@
-# Per-dataset recipes (SPEC §12.2). Select with DATASET=voc12|coco14|synthetic.
+# Per-dataset recipes (SPEC §12.2). Select with DATASET=voc12|coco14|synthetic; every ${VAR:-default} below can be
+# overridden from the environment (e.g. BATCH_OC=16 LR=0.05).
 # SOURCE is the scripts' --dataset reader: the synthetic benchmark is a VOC tree, read by the VOC reader unchanged.
 DATASET=${DATASET:-voc12}
 case "$DATASET" in
@@ -6,20 +7,20 @@ case "$DATASET" in
     SOURCE=voc12
     DATA_DIR=${DATA_DIR:-$DATASETS_DIR/VOCdevkit/VOC2012}
     DOMAIN_TRAIN=train_aug; DOMAIN_VALID=train; DOMAIN_VALID_SEG=val
-    IMAGE_SIZE=512; MIN_IMAGE_SIZE=320; MAX_IMAGE_SIZE=640
-    LR=0.1; WD=1e-4
+    IMAGE_SIZE=${IMAGE_SIZE:-512}; MIN_IMAGE_SIZE=${MIN_IMAGE_SIZE:-320}; MAX_IMAGE_SIZE=${MAX_IMAGE_SIZE:-640}
+    LR=${LR:-0.1}; WD=${WD:-1e-4}
     ARCH=${ARCH:-resnest269}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-imagenet}
-    EPOCHS=${EPOCHS:-15}; BATCH_OC=32; BATCH_PNOC=16; ACCUMULATE_PNOC=2
-    MIXED_PRECISION=true; OPTIMIZER=sgd; AUGMENT_OC=randaugment; PUZZLE_ALPHA=4.0 ;;
+    EPOCHS=${EPOCHS:-15}; BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-16}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-2}
+    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0} ;;
   coco14)
     SOURCE=coco14
     DATA_DIR=${DATA_DIR:-$DATASETS_DIR/coco14}
     DOMAIN_TRAIN=train2014; DOMAIN_VALID=train2014; DOMAIN_VALID_SEG=val2014
-    IMAGE_SIZE=640; MIN_IMAGE_SIZE=400; MAX_IMAGE_SIZE=800
-    LR=0.05; WD=1e-4
+    IMAGE_SIZE=${IMAGE_SIZE:-640}; MIN_IMAGE_SIZE=${MIN_IMAGE_SIZE:-400}; MAX_IMAGE_SIZE=${MAX_IMAGE_SIZE:-800}
+    LR=${LR:-0.05}; WD=${WD:-1e-4}
     ARCH=${ARCH:-resnest269}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-imagenet}
-    EPOCHS=${EPOCHS:-15}; BATCH_OC=32; BATCH_PNOC=16; ACCUMULATE_PNOC=2
-    MIXED_PRECISION=true; OPTIMIZER=sgd; AUGMENT_OC=randaugment; PUZZLE_ALPHA=4.0 ;;
+    EPOCHS=${EPOCHS:-15}; BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-16}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-2}
+    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0} ;;
   synthetic)
     SOURCE=voc12
     # The generated benchmark of tools/make_synthetic_voc.py: small images, a small net, CPU-sized. There are no
@@ -33,11 +34,11 @@ case "$DATASET" in
     DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
     DOMAIN_TRAIN=train_aug; DOMAIN_VALID=train; DOMAIN_VALID_SEG=val
     IMAGE_SIZE=${IMAGE_SIZE:-96}; MIN_IMAGE_SIZE=${MIN_IMAGE_SIZE:-80}; MAX_IMAGE_SIZE=${MAX_IMAGE_SIZE:-112}
-    LR=${LR:-0.001}; WD=1e-4; OPTIMIZER=adamw; AUGMENT_OC=none
+    LR=${LR:-0.001}; WD=${WD:-1e-4}; OPTIMIZER=${OPTIMIZER:-adamw}; AUGMENT_OC=${AUGMENT_OC:-none}
     ARCH=${ARCH:-resnet18}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-none}
     EPOCHS=${EPOCHS:-6}; EPOCHS_PNOC=${EPOCHS_PNOC:-6}
     BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-32}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-1}
-    PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=false ;;
+    PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=${MIXED_PRECISION:-false} ;;
   *)
     echo "error: unknown DATASET=$DATASET (choose voc12, coco14 or synthetic)" >&2; exit 2 ;;
 esac
