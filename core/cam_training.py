@@ -127,17 +127,23 @@ def build_valid_loader(args: argparse.Namespace, run: Run) -> torch.utils.data.D
     return build_loader(dataset, run, train=False)
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
-    """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
-    model = Classifier(
+def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_backbone: bool = True) -> Classifier:
+    """A CAM classifier of the network flags (``--architecture``, ``--backbone_weights``, ``--mode``, ``--dilated``,
+    ``--trainable-stem``) shared by the training and inference scripts; no checkpoint loaded."""
+    return Classifier(
         args.architecture,
         num_classes,
         backbone_weights=args.backbone_weights,
         mode=args.mode,
         dilated=args.dilated,
         trainable_stem=args.trainable_stem,
-        trainable_backbone=args.trainable_backbone,
+        trainable_backbone=trainable_backbone,
     )
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
+    """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
+    model = classifier_from_flags(args, num_classes, args.trainable_backbone)
     if args.restore:
         load_classifier_weights(model, args.restore)
     return model

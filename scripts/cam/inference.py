@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import checkpoint, cli, distributed, inference
+from core import cam_training, checkpoint, cli, distributed, inference
 from core.artifacts import CAM_SUFFIX, cam_path, save_cam
 from core.cams import multiscale_cams
 from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
-from core.models import BACKBONES, Classifier, load_classifier_weights
+from core.models import BACKBONES, load_classifier_weights
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,7 @@ def weights_path(args: argparse.Namespace) -> Path:
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
     """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
     path = weights_path(args)
-    model = Classifier(
-        args.architecture,
-        num_classes,
-        backbone_weights=args.backbone_weights,
-        mode=args.mode,
-        dilated=args.dilated,
-        trainable_stem=args.trainable_stem,
-    )
+    model = cam_training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint)
     model = model.to(device).eval()
     if device.type == "cuda":
