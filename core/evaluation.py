@@ -53,7 +53,7 @@ def threshold_range(min_th: float, max_th: float, step_th: float) -> list[float]
 
 def _compact_labels(cams: np.ndarray, background: float | np.ndarray) -> np.ndarray:
     """Compact label map for the CRF: 0 where no plane beats ``background`` (ties go to background), else 1 + the
-    first winning plane; int64 [H, W] in 0..n. (Same decision as ``core.cams.cams_to_label_map``, without torch.)
+    first winning plane; int64 [H, W] in 0..n. (Same decision as ``core.cam.cams.cams_to_label_map``, without torch.)
 
     Args:
         cams: float [n, H, W] class scores (n >= 0).

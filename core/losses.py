@@ -81,7 +81,7 @@ def reconstruction_loss(
 
     Args:
         maps: float [B, C, h, w], raw (pre-ReLU) class maps of the full images.
-        merged_maps: float [B, C, h, w], the tile maps merged back (:func:`core.puzzle.merge_tiles`).
+        merged_maps: float [B, C, h, w], the tile maps merged back (:func:`core.cam.puzzle.merge_tiles`).
         labels: float [B, C] in [0, 1], UNSMOOTHED image labels.
         kind: ``l1`` (absolute difference) or ``l2`` (squared difference); ``L1_Loss``/``L2_Loss`` also accepted.
         option: ``masked`` (alias ``masking``), ``selection`` or ``none``.

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.cams import (
+from core.cam.cams import (
     cams_to_label_map,
     label_map_with_ignore,
     multiscale_cams,

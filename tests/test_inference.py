@@ -17,7 +17,7 @@ from PIL import Image
 
 from core import checkpoint, cli, inference
 from core.artifacts import load_cam, strided_size
-from core.cams import multiscale_cams
+from core.cam.cams import multiscale_cams
 from core.datasets import VOC_CLASSES, build_source
 from core.errors import WSSSError
 from core.models import Classifier

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.errors import WSSSError
-from core.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
+from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
 
 
 def _random_labels(batch, classes, seed):

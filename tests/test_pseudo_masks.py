@@ -11,7 +11,7 @@ from PIL import Image
 
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_saliency
-from core.cams import cams_to_label_map, label_map_with_ignore
+from core.cam.cams import cams_to_label_map, label_map_with_ignore
 from core.crf import crf_inference_labels
 from core.datasets import VOC_CLASSES, build_source
 from core.inference import pseudo_mask

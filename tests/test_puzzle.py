@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from core.losses import reconstruction_loss
-from core.puzzle import merge_tiles, puzzle_outputs, tile_images
+from core.cam.puzzle import merge_tiles, puzzle_outputs, tile_images
 
 
 class PooledConvCAM(nn.Module):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import cam_training, checkpoint, cli, engine, methods, runtime
+from core import checkpoint, cli, engine, runtime
+from core.cam import methods, training
 from core.errors import WSSSError
 from core.models import Classifier, load_classifier_weights
 from scripts.cam import train_occse, train_pnoc, train_poc, train_puzzle
@@ -106,9 +107,9 @@ def pnoc_context(tmp_path: Path, synthetic_voc: Path, oc_path: Path, *extra: str
     run = runtime.setup(args, "cam", models_dir=tmp_path / "models")
     ctx = engine.TrainContext(run, steps_per_epoch=STEPS)
     torch.manual_seed(0)
-    cam_training.add_trained_classifier(ctx, "cg", Classifier("resnet18", 20), args)
+    training.add_trained_classifier(ctx, "cg", Classifier("resnet18", 20), args)
     oc = methods.build_ordinary_classifier(args, 20, trainable=True)
-    cam_training.add_trained_classifier(ctx, "oc", oc, args, lr_alpha=args.lr_alpha_oc, max_grad_norm=None, ema=False)
+    training.add_trained_classifier(ctx, "oc", oc, args, lr_alpha=args.lr_alpha_oc, max_grad_norm=None, ema=False)
     ctx.train_mode()
     spec = methods.method_spec("pnoc", args, methods.build_label_splitter(args, 20))
     generator = torch.Generator().manual_seed(1)

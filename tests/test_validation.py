@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from core import validation
+from core.cam import validation
 
 
 def test_classification_scores_are_macro_over_defined_classes():

@@ -10,7 +10,7 @@ import pytest
 
 from core import cli
 from core.artifacts import cam_path, save_cam, save_label_map
-from core.cams import cams_to_label_map
+from core.cam.cams import cams_to_label_map
 from core.datasets import build_source, voc_palette
 from tools import visualize
 

@@ -4,8 +4,8 @@
                (b) the full threshold sweep of core.evaluation, with the same worker count. The sweep should cost
                at most 1.5x the reading (it is one pass over the files).
     train      images/s of one training step of each CAM method (vanilla, puzzle, occse, poc, pnoc) on a random
-               batch, through the training scripts' step code (core.methods); warm-up steps excluded.
-    inference  images/s of core.cams.multiscale_cams (multi-scale + flip CAMs of random square images).
+               batch, through the training scripts' step code (core.cam.methods); warm-up steps excluded.
+    inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images).
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -33,16 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from core import cli, methods
+from core import cli
+from core.cam import methods
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
-from core.cams import multiscale_cams
+from core.cam.cams import multiscale_cams
 from core.datasets import VOC_CLASSES, build_source
 from core.distributed import DEVICES, DistInfo, resolve_device
 from core.engine import TrainContext, add_training_args
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
 from core.models import BACKBONES, Classifier
-from core.occse import LabelSplitter
+from core.cam.occse import LabelSplitter
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.runlog import MetricsWriter, WandbLogger
 from core.runtime import Run
@@ -257,7 +258,7 @@ def build_train_step(
 ) -> tuple[Callable[[], None], dict[str, nn.Module]]:
     """One training step of ``method`` on a fixed random batch, through the scripts' own step code.
 
-    The step is :func:`core.methods.build_step_fn`'s (the function ``core.engine.fit`` calls per batch): forward,
+    The step is :func:`core.cam.methods.build_step_fn`'s (the function ``core.engine.fit`` calls per batch): forward,
     losses, backward and SGD step of the CAM generator ``cg`` and, for P-NOC, the ordinary classifier's ``oc`` step;
     OC-CSE and P-OC use a frozen ``oc``.
 
@@ -310,7 +311,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "train", "architecture": args.architecture, "size": args.size, "batch_size": args.batch_size,
         "device": str(device), "mixed_precision": bool(args.mixed_precision), "channels_last": bool(args.channels_last),
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-        "step_code": "core.methods.build_step_fn",
+        "step_code": "core.cam.methods.build_step_fn",
         "methods": methods,
     }
 

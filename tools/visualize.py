@@ -24,7 +24,7 @@ import numpy as np
 
 from core import cli
 from core.artifacts import CAM_SUFFIX, LEGACY_CAM_SUFFIX, PNG_SUFFIX, atomic_write, load_cam, load_label_map
-from core.cams import cams_to_label_map
+from core.cam.cams import cams_to_label_map
 from core.datasets import source_from_args
 from core.errors import WSSSError
 

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import cam_training, checkpoint, cli, distributed, inference
+from core import checkpoint, cli, distributed, inference
+from core.cam import training
 from core.artifacts import CAM_SUFFIX, cam_path, save_cam
-from core.cams import multiscale_cams
+from core.cam.cams import multiscale_cams
 from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
@@ -112,7 +113,7 @@ def weights_path(args: argparse.Namespace) -> Path:
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
     """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
     path = weights_path(args)
-    model = cam_training.classifier_from_flags(args, num_classes)
+    model = training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint)
     model = model.to(device).eval()
     if device.type == "cuda":

@@ -23,15 +23,16 @@ import argparse
 import logging
 from typing import Any
 
-from core import cam_training, cli, engine, methods, runtime
+from core import cli, engine, runtime
+from core.cam import methods, training
 
 logger = logging.getLogger(__name__)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("train_occse", description=__doc__.splitlines()[0], add_help=add_help)
-    cam_training.add_cam_data_args(parser)
-    cam_training.add_classifier_args(parser)
+    training.add_cam_data_args(parser)
+    training.add_classifier_args(parser)
     methods.add_oc_args(parser)
     engine.add_training_args(parser)
     return parser
@@ -41,19 +42,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     methods.check_oc_pretrained(args)  # fail before any folder is created
     run = runtime.setup(args, stage="cam")
     try:
-        source, train_loader = cam_training.build_train_data(args, run)
-        valid_loader = cam_training.build_valid_loader(args, run)
-        class_weight = cam_training.parse_class_weight(args.class_weight, source.num_classes, run.device)
+        source, train_loader = training.build_train_data(args, run)
+        valid_loader = training.build_valid_loader(args, run)
+        class_weight = training.parse_class_weight(args.class_weight, source.num_classes, run.device)
 
         ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        cam_training.add_trained_classifier(ctx, "cg", cam_training.build_classifier(args, source.num_classes), args)
+        training.add_trained_classifier(ctx, "cg", training.build_classifier(args, source.num_classes), args)
         ctx.add("oc", methods.build_ordinary_classifier(args, source.num_classes, trainable=False))  # frozen
         splitter = methods.build_label_splitter(args, source.num_classes)
         ctx.add_state("label_splitter", splitter)
-        cam_training.log_run_plan(ctx, args)
+        training.log_run_plan(ctx, args)
 
         step_fn = methods.build_step_fn("occse", args, splitter, class_weight)
-        validate_fn = cam_training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
+        validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
         return engine.fit(ctx, train_loader, step_fn, validate_fn)
     finally:
         run.close()

@@ -1,6 +1,6 @@
 """Pieces every CAM-generator training script shares (vanilla, Puzzle, OC-CSE, P-OC, P-NOC): flags, data, the
 classifier with its optimizer, and the end-of-epoch validation hook. The method scripts add only their step
-(see :mod:`core.methods`).
+(see :mod:`core.cam.methods`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from core import validation
+from core.cam import validation
 from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform

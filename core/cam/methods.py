@@ -29,16 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.cams import normalize_cams
+from core.cam.cams import normalize_cams
 from core.cli import add_arg, add_bool_arg
 from core.engine import StepFn, TrainContext
 from core.errors import WSSSError
 from core.losses import multilabel_soft_margin, reconstruction_loss
 from core.models import BACKBONES, Classifier, describe_state_dict, load_classifier_weights, read_checkpoint
 from core.models import normalize_state_dict_keys, unwrap_state_dict
-from core.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
+from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
 from core.optim import linear_schedule
-from core.puzzle import puzzle_outputs
+from core.cam.puzzle import puzzle_outputs
 
 logger = logging.getLogger(__name__)
 
