@@ -20,6 +20,8 @@ bench: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash runners/benchmark.sh
 
 test: $(VENV)/.installed
+	$(VPY) -m ruff check --quiet .
+	$(VPY) -m ruff format --check --quiet .
 	$(VPY) -m pytest -q
 
 clean-demo:

@@ -43,6 +43,26 @@ def str_list(value: str) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def optional_float(value: str) -> float | None:
+    """Parse a number, or ``none`` / ``0`` / empty as None (an off switch, e.g. ``--max_grad_norm none``)."""
+    if str(value).strip().lower() in ("none", "", "0", "0.0"):
+        return None
+    try:
+        return float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {value!r}") from e
+
+
+def optional_int(value: str) -> int | None:
+    """Parse an integer, or ``none`` / ``all`` / empty as None (no limit)."""
+    if str(value).strip().lower() in ("none", "", "all"):
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {value!r}") from e
+
+
 def add_arg(parser: argparse.ArgumentParser | Any, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
     """Add a flag under its reference spelling and its twin with ``_``/``-`` swapped.
 
@@ -71,20 +91,38 @@ def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> 
         default=os.environ.get("WSSS_DATA_DIR"),
         help="dataset root: .../VOCdevkit/VOC2012, .../coco14 or a custom root (default: $WSSS_DATA_DIR)",
     )
-    add_arg(group, "--domain", type=str, default=domain, help=f"id list to use, e.g. train, train_aug, val (default {domain})")
-    add_arg(group, "--images_dir", type=str, default=None, help="custom dataset: images folder (default <data_dir>/images)")
-    add_arg(group, "--masks_dir", type=str, default=None, help="custom dataset: masks folder (default <data_dir>/masks)")
     add_arg(
-        group, "--class_names", type=str, default=None, help="custom dataset: class-names file (default <data_dir>/classes.txt)"
+        group,
+        "--domain",
+        type=str,
+        default=domain,
+        help=f"id list to use, e.g. train, train_aug, val (default {domain})",
+    )
+    add_arg(
+        group, "--images_dir", type=str, default=None, help="custom dataset: images folder (default <data_dir>/images)"
+    )
+    add_arg(
+        group, "--masks_dir", type=str, default=None, help="custom dataset: masks folder (default <data_dir>/masks)"
+    )
+    add_arg(
+        group,
+        "--class_names",
+        type=str,
+        default=None,
+        help="custom dataset: class-names file (default <data_dir>/classes.txt)",
     )
     return group
 
 
-def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Any:
+def run(
+    main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> Any:
     """Parse arguments, run ``main`` and turn a :class:`WSSSError` into one ``error:`` line and exit status 2."""
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
     try:
         return main(args)
     except WSSSError as e:

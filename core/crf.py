@@ -88,9 +88,7 @@ def crf_inference_probs(
     image = _check_image(image, height, width)
     crf = densecrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
-    marginals = _run(
-        crf, image, t, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat
-    )
+    marginals = _run(crf, image, t, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
     return marginals.reshape(n_labels, height, width)
 
 
@@ -132,9 +130,7 @@ def crf_inference_labels(
     crf = densecrf.DenseCRF2D(width, height, n_labels)
     unary = utils.unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
-    marginals = _run(
-        crf, image, t, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat
-    )
+    marginals = _run(crf, image, t, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
     return np.argmax(marginals.reshape(n_labels, height, width), axis=0)
 
 

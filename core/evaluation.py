@@ -179,7 +179,12 @@ def _check_size(path: Path, what: str, size: tuple[int, ...], gt: np.ndarray, so
 
 
 def _add_cams_with_crf(
-    job: EvalJob, sweep: ThresholdSweep, cams: np.ndarray, keys: np.ndarray, gt: np.ndarray, image: np.ndarray,
+    job: EvalJob,
+    sweep: ThresholdSweep,
+    cams: np.ndarray,
+    keys: np.ndarray,
+    gt: np.ndarray,
+    image: np.ndarray,
     bg: np.ndarray | None,
 ) -> None:
     """CRF each threshold's prediction (or the saliency-background one), then count it."""
@@ -315,11 +320,18 @@ def evaluate_predictions(
         saliency_paths(ids, sal_dir)
     class_names = list(SALIENCY_CLASSES) if mode == "saliency" else list(source.classes)
     job = EvalJob(
-        source=source, mode=mode, thresholds=tuple(thresholds), num_classes=len(class_names), sal_dir=sal_dir,
-        crf_t=int(crf_t), crf_gt_prob=float(crf_gt_prob), pred_ignore=pred_ignore, allow_pickle=allow_pickle,
+        source=source,
+        mode=mode,
+        thresholds=tuple(thresholds),
+        num_classes=len(class_names),
+        sal_dir=sal_dir,
+        crf_t=int(crf_t),
+        crf_gt_prob=float(crf_gt_prob),
+        pred_ignore=pred_ignore,
+        allow_pickle=allow_pickle,
     )
     job.new_sweep()  # validates the thresholds before any worker starts
-    items = list(zip(ids, paths))
+    items = list(zip(ids, paths, strict=True))
     chunks = chunked(items, max(1, num_workers) * 8)
     worker = functools.partial(score_files, job)
     partials = parallel_map(worker, chunks, num_workers, desc="evaluate", progress=progress)
@@ -327,16 +339,34 @@ def evaluate_predictions(
     results = sweep.scores(class_names)
     best = best_index(results)
     protocol = describe_protocol(
-        getattr(source, "name", type(source).__name__), getattr(source, "domain", "?"), mode, pred_dir, job.thresholds,
-        len(ids), sal_dir=sal_dir, crf_t=job.crf_t, crf_gt_prob=job.crf_gt_prob, pred_ignore=pred_ignore,
+        getattr(source, "name", type(source).__name__),
+        getattr(source, "domain", "?"),
+        mode,
+        pred_dir,
+        job.thresholds,
+        len(ids),
+        sal_dir=sal_dir,
+        crf_t=job.crf_t,
+        crf_gt_prob=job.crf_gt_prob,
+        pred_ignore=pred_ignore,
         left_out=results[best]["left_out"],
     )
     return EvaluationResult(class_names, results, best, sweep.confusion, protocol)
 
 
 def describe_protocol(
-    dataset: str, domain: str, mode: str, pred_dir: Path, thresholds: Sequence[float | None], num_images: int,
-    *, sal_dir: Path | None, crf_t: int, crf_gt_prob: float, pred_ignore: str, left_out: Sequence[str],
+    dataset: str,
+    domain: str,
+    mode: str,
+    pred_dir: Path,
+    thresholds: Sequence[float | None],
+    num_images: int,
+    *,
+    sal_dir: Path | None,
+    crf_t: int,
+    crf_gt_prob: float,
+    pred_ignore: str,
+    left_out: Sequence[str],
 ) -> dict[str, Any]:
     """The facts a reader needs to compare this result with another (printed as the header, stored in JSON)."""
     numeric = [t for t in thresholds if t is not None]

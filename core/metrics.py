@@ -120,7 +120,7 @@ def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str]) -> dict[
     fp_class = _ratio(pred_total - true_pos, union)
     fn_class = _ratio(gt_total - true_pos, union)
     names = list(class_names)
-    as_dict = lambda values: dict(zip(names, values.tolist()))  # noqa: E731
+    as_dict = lambda values: dict(zip(names, values.tolist(), strict=True))  # noqa: E731
     return {
         "miou": _nanmean(iou),
         "miou_fg": _nanmean(iou[1:]),
@@ -131,7 +131,7 @@ def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str]) -> dict[
         "recall": as_dict(_ratio(true_pos, gt_total)),
         "fp_class": as_dict(fp_class),
         "fn_class": as_dict(fn_class),
-        "left_out": [name for name, u in zip(names, union) if u == 0],
+        "left_out": [name for name, u in zip(names, union, strict=True) if u == 0],
         "pixels": int(gt_total.sum()),
     }
 
@@ -258,7 +258,7 @@ class ThresholdSweep:
     def scores(self, class_names: Sequence[str]) -> list[dict[str, Any]]:
         """:func:`scores_from_confusion` for every threshold, each with its ``threshold`` (None if NaN)."""
         results = []
-        for threshold, conf in zip(self.thresholds, self.confusion):
+        for threshold, conf in zip(self.thresholds, self.confusion, strict=True):
             result = scores_from_confusion(conf, class_names)
             result["threshold"] = None if np.isnan(threshold) else float(threshold)
             results.append(result)

@@ -16,9 +16,9 @@ import logging
 import multiprocessing
 import os
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from tqdm import tqdm

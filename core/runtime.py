@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,25 @@ class Run:
         self.wandb.finish()
         runlog.close_logging()
         distributed.cleanup()
+
+
+def detached_run(
+    args: argparse.Namespace, device: torch.device, local_batch_size: int, stage: str = "benchmark"
+) -> Run:
+    """A single-process :class:`Run` that writes nothing (no run folder, metrics or W&B), for benchmarks and probes."""
+    nowhere = Path(tempfile.gettempdir()) / "wsss-detached-run"
+    return Run(
+        args=args,
+        stage=stage,
+        dist=DistInfo(device=device),
+        run_dir=nowhere,
+        checkpoint_path=nowhere / checkpoint.CHECKPOINT_NAME,
+        final_path=nowhere.with_suffix(".pth"),
+        resume=False,
+        local_batch_size=local_batch_size,
+        metrics=runlog.MetricsWriter(None, enabled=False),
+        wandb=runlog.WandbLogger(False, name=stage, job_type=stage, config={}),
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -39,12 +39,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group = parser.add_argument_group("predictions")
     cli.add_arg(group, "--experiment_name", type=str, default=None, help=f"predictions in {PREDICTIONS_DIR}/<name>")
     cli.add_arg(group, "--pred_dir", type=str, default=None, help="prediction folder (overrides --experiment_name)")
-    cli.add_arg(group, "--mode", type=str, default="npy", choices=MODES, help="npy: CAM files; png: label maps; "
-                "saliency: saliency PNGs scored as foreground vs background")
+    cli.add_arg(
+        group,
+        "--mode",
+        type=str,
+        default="npy",
+        choices=MODES,
+        help="npy: CAM files; png: label maps; saliency: saliency PNGs scored as foreground vs background",
+    )
     cli.add_bool_arg(group, "--allow_pickle", default=False, help="read legacy pickled .npy CAMs (trusted files only)")
     cli.add_arg(group, "--sal_dir", type=str, default=None, help="npy mode: background = 1 - <sal_dir>/<id>.png")
-    cli.add_arg(group, "--pred_ignore", type=str, default="miss", choices=PRED_IGNORE_POLICIES,
-                help="png mode: a predicted 255 counts as a miss (default), as background, or is excluded")
+    cli.add_arg(
+        group,
+        "--pred_ignore",
+        type=str,
+        default="miss",
+        choices=PRED_IGNORE_POLICIES,
+        help="png mode: a predicted 255 counts as a miss (default), as background, or is excluded",
+    )
     group = parser.add_argument_group("thresholds")
     cli.add_arg(group, "--threshold", type=float, default=None, help="one background threshold instead of a sweep")
     cli.add_arg(group, "--min_th", type=float, default=0.05, help="first threshold of the sweep (default 0.05)")
@@ -52,8 +64,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(group, "--step_th", type=float, default=0.05, help="sweep step (default 0.05: 16 thresholds)")
     group = parser.add_argument_group("crf")
     cli.add_arg(group, "--crf_t", type=int, default=0, help="dense-CRF iterations on each prediction (0 = off)")
-    cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7,
-                help="label-CRF confidence; 1 = probability (DeepLab-v2) CRF on the CAM scores")
+    cli.add_arg(
+        group,
+        "--crf_gt_prob",
+        type=float,
+        default=0.7,
+        help="label-CRF confidence; 1 = probability (DeepLab-v2) CRF on the CAM scores",
+    )
     group = parser.add_argument_group("runtime")
     cli.add_arg(
         group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"

@@ -312,7 +312,7 @@ def test_metrics_lines_are_json_even_for_nan(tmp_path):
 
 def test_fp16_scaler_skips_overflowing_steps_without_advancing_the_schedule(tmp_path, monkeypatch):
     # Exercise the GPU fp16 path on CPU: a GradScaler, clipping of unscaled gradients, and one overflowing step.
-    monkeypatch.setattr(engine, "resolve_amp", lambda enabled, device: (torch.float16, True))
+    monkeypatch.setattr(engine.context, "resolve_amp", lambda enabled, device: (torch.float16, True))
     args = parse(
         "fp16", "--batch_size", "2", "--max_epoch", "1", "--mixed_precision", "true", "--max_grad_norm", "1e-3"
     )

@@ -35,14 +35,36 @@ def cam_miou(data_dir: Path, tag: str) -> float:
     """CAM files of ``tag`` on ``train``, then the best mIoU of the default threshold sweep."""
     cam_inference.main(
         cam_inference.get_args_parser().parse_args(
-            ["--architecture", "resnet18", "--tag", tag, "--data_dir", str(data_dir), "--domain", "train",
-             "--scales", SCALES, "--device", "cpu", "--num_workers", "0"]  # fmt: skip
+            [
+                "--architecture",
+                "resnet18",
+                "--tag",
+                tag,
+                "--data_dir",
+                str(data_dir),
+                "--domain",
+                "train",
+                "--scales",
+                SCALES,
+                "--device",
+                "cpu",
+                "--num_workers",
+                "0",
+            ]  # fmt: skip
         )
     )
     summary = evaluate.main(
         evaluate.get_args_parser().parse_args(
-            ["--data_dir", str(data_dir), "--domain", "train", "--num_workers", "1",
-             "--experiment_name", f"{tag}@train@scale={SCALES}"]  # fmt: skip
+            [
+                "--data_dir",
+                str(data_dir),
+                "--domain",
+                "train",
+                "--num_workers",
+                "1",
+                "--experiment_name",
+                f"{tag}@train@scale={SCALES}",
+            ]  # fmt: skip
         )
     )
     return summary["miou"]
@@ -56,10 +78,38 @@ def test_a_short_run_from_scratch_clearly_beats_the_untrained_network(five_class
 
     train_vanilla.main(
         train_vanilla.get_args_parser().parse_args(
-            ["--tag", "trained", "--data_dir", str(five_class_voc), "--domain_train", "train_aug",
-             "--architecture", "resnet18", "--backbone_weights", "none", "--batch_size", "16", "--max_epoch", "12",
-             "--image_size", "96", "--min_image_size", "80", "--max_image_size", "112", "--num_workers", "0",
-             "--device", "cpu", "--optimizer", "adamw", "--lr", "0.001", "--label_smoothing", "0.1"]  # fmt: skip
+            [
+                "--tag",
+                "trained",
+                "--data_dir",
+                str(five_class_voc),
+                "--domain_train",
+                "train_aug",
+                "--architecture",
+                "resnet18",
+                "--backbone_weights",
+                "none",
+                "--batch_size",
+                "16",
+                "--max_epoch",
+                "12",
+                "--image_size",
+                "96",
+                "--min_image_size",
+                "80",
+                "--max_image_size",
+                "112",
+                "--num_workers",
+                "0",
+                "--device",
+                "cpu",
+                "--optimizer",
+                "adamw",
+                "--lr",
+                "0.001",
+                "--label_smoothing",
+                "0.1",
+            ]  # fmt: skip
         )
     )
     trained = cam_miou(five_class_voc, "trained")

@@ -121,7 +121,7 @@ def test_saliency_background_is_one_prediction():
     sweep = ThresholdSweep(21, [None])
     sweep.add(cams, keys, gt, bg=bg)
     np.testing.assert_array_equal(sweep.confusion[0], confusion_matrix(gt, _reference_prediction(cams, keys, bg), 21))
-    assert sweep.scores(["c%d" % i for i in range(21)])[0]["threshold"] is None
+    assert sweep.scores([f"c{i}" for i in range(21)])[0]["threshold"] is None
     with pytest.raises(ValueError, match="single"):
         ThresholdSweep(21, [0.1, 0.2]).add(cams, keys, gt, bg=bg)
 

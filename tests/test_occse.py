@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from core.errors import WSSSError
 from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
+from core.errors import WSSSError
 
 
 def _random_labels(batch, classes, seed):

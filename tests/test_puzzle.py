@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.losses import reconstruction_loss
 from core.cam.puzzle import merge_tiles, puzzle_outputs, tile_images
+from core.losses import reconstruction_loss
 
 
 class PooledConvCAM(nn.Module):

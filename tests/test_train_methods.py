@@ -211,7 +211,7 @@ def test_pnoc_resume_gives_the_weights_of_an_uninterrupted_run(synthetic_voc, oc
     monkeypatch.chdir(tmp_path / "straight")
     straight = train_pnoc.main(parse("pnoc", argv))
 
-    save = engine.TrainContext.save_checkpoint
+    save = engine.state.save_checkpoint
 
     def save_then_die(ctx: engine.TrainContext) -> None:
         save(ctx)
@@ -219,12 +219,12 @@ def test_pnoc_resume_gives_the_weights_of_an_uninterrupted_run(synthetic_voc, oc
             raise KeyboardInterrupt  # the job is killed right after the first epoch's checkpoint
 
     monkeypatch.chdir(tmp_path / "resumed")
-    monkeypatch.setattr(engine.TrainContext, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine.state, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_pnoc.main(parse("pnoc", argv))
     state = checkpoint.load(Path("experiments/models/pnoc/r18/last.pth"))
     assert state["epoch"] == 1 and state["pending_grads"]["oc"] and "label_splitter" in state["states"]
-    monkeypatch.setattr(engine.TrainContext, "save_checkpoint", save)
+    monkeypatch.setattr(engine.state, "save_checkpoint", save)
     resumed = train_pnoc.main(parse("pnoc", [*argv, "--resume", "true"]))
 
     for key in ("final_path", "oc_path"):

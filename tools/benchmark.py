@@ -34,19 +34,18 @@ import torch
 from torch import nn
 
 from core import cli
-from core.cam import methods
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
+from core.cam import methods
 from core.cam.cams import multiscale_cams
+from core.cam.occse import LabelSplitter
 from core.datasets import VOC_CLASSES, build_source
-from core.distributed import DEVICES, DistInfo, resolve_device
+from core.distributed import DEVICES, resolve_device
 from core.engine import TrainContext, add_training_args
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
 from core.models import BACKBONES, Classifier
-from core.cam.occse import LabelSplitter
 from core.parallel import chunked, default_num_workers, parallel_map
-from core.runlog import MetricsWriter, WandbLogger
-from core.runtime import Run
+from core.runtime import detached_run
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +182,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     cli.add_arg(parser, "--batch_size", type=int, default=8, help="images per step (default 8)")
     cli.add_arg(parser, "--steps", type=int, default=5, help="timed steps per method (default 5)")
     cli.add_arg(parser, "--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    cli.add_arg(parser, "--methods", type=cli.str_list, default=list(TRAIN_METHODS),
-                help=f"comma-separated subset of {','.join(TRAIN_METHODS)}")
+    cli.add_arg(
+        parser,
+        "--methods",
+        type=cli.str_list,
+        default=list(TRAIN_METHODS),
+        help=f"comma-separated subset of {','.join(TRAIN_METHODS)}",
+    )
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -241,15 +245,8 @@ def method_flags(args: argparse.Namespace) -> argparse.Namespace:
 
 def bench_context(args: argparse.Namespace, flags: argparse.Namespace, device: torch.device) -> TrainContext:
     """A :class:`TrainContext` for one process that writes nothing (no run folder, metrics or W&B)."""
-    nowhere = Path(tempfile.gettempdir()) / "wsss-benchmark-unused"
-    run = Run(
-        args=flags, stage="benchmark", dist=DistInfo(device=device), run_dir=nowhere,
-        checkpoint_path=nowhere / "last.pth", final_path=nowhere.with_suffix(".pth"), resume=False,
-        local_batch_size=args.batch_size, metrics=MetricsWriter(None, enabled=False),
-        wandb=WandbLogger(False, name="benchmark", job_type="benchmark", config={}),
-    )  # fmt: skip
-    ctx = TrainContext(run, steps_per_epoch=args.warmup + args.steps)
-    ctx.channels_last = bool(args.channels_last)
+    run = detached_run(flags, device, args.batch_size)
+    ctx = TrainContext(run, steps_per_epoch=args.warmup + args.steps, channels_last=bool(args.channels_last))
     return ctx
 
 
@@ -308,9 +305,16 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         methods[method] = {"images_per_s": round(args.batch_size / seconds, 3), "step_ms": round(1000 * seconds, 1)}
         logger.info("%s: %.1f ms per step of %d images", method, 1000 * seconds, args.batch_size)
     return {
-        "benchmark": "train", "architecture": args.architecture, "size": args.size, "batch_size": args.batch_size,
-        "device": str(device), "mixed_precision": bool(args.mixed_precision), "channels_last": bool(args.channels_last),
-        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "benchmark": "train",
+        "architecture": args.architecture,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "channels_last": bool(args.channels_last),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
         "step_code": "core.cam.methods.build_step_fn",
         "methods": methods,
     }
@@ -329,15 +333,29 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
 
     def one_image() -> None:
         index = next(position)
-        multiscale_cams(model, images[index], args.scales, device=device, keys=keys[index],
-                        mixed_precision=bool(args.mixed_precision), channels_last=bool(args.channels_last))
+        multiscale_cams(
+            model,
+            images[index],
+            args.scales,
+            device=device,
+            keys=keys[index],
+            mixed_precision=bool(args.mixed_precision),
+            channels_last=bool(args.channels_last),
+        )
 
     seconds = _timed(one_image, args.images, args.warmup, device)
     return {
-        "benchmark": "inference", "architecture": args.architecture, "size": args.size,
-        "scales": list(args.scales), "images": args.images, "classes": args.classes, "device": str(device),
-        "mixed_precision": bool(args.mixed_precision), "channels_last": bool(args.channels_last),
-        "threads": torch.get_num_threads(), "images_per_s": round(1.0 / seconds, 3),
+        "benchmark": "inference",
+        "architecture": args.architecture,
+        "size": args.size,
+        "scales": list(args.scales),
+        "images": args.images,
+        "classes": args.classes,
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "channels_last": bool(args.channels_last),
+        "threads": torch.get_num_threads(),
+        "images_per_s": round(1.0 / seconds, 3),
         "ms_per_image": round(1000 * seconds, 1),
     }
 

@@ -30,15 +30,22 @@ import torch
 from torch import nn
 
 from core.cam.cams import normalize_cams
-from core.cli import add_arg, add_bool_arg
+from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
+from core.cam.puzzle import puzzle_outputs
+from core.cli import add_arg, add_bool_arg, optional_float
 from core.engine import StepFn, TrainContext
 from core.errors import WSSSError
 from core.losses import multilabel_soft_margin, reconstruction_loss
-from core.models import BACKBONES, Classifier, describe_state_dict, load_classifier_weights, read_checkpoint
-from core.models import normalize_state_dict_keys, unwrap_state_dict
-from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
+from core.models import (
+    BACKBONES,
+    Classifier,
+    describe_state_dict,
+    load_classifier_weights,
+    normalize_state_dict_keys,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from core.optim import linear_schedule
-from core.cam.puzzle import puzzle_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +61,6 @@ ClassLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # -- flags ----------------------------------------------------------------------------------------------------------
-def _float_or_none(value: str) -> float | None:
-    if str(value).strip().lower() in ("", "none", "0", "0.0"):
-        return None
-    try:
-        return float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number or none, got {value!r}") from e
-
-
 def add_puzzle_args(parser: argparse.ArgumentParser, alpha: float = 4.0) -> argparse._ArgumentGroup:
     """Puzzle-CAM flags; ``alpha`` is the script's default final weight of ``L_re`` (Puzzle/P-NOC 4, P-OC 1)."""
     group = parser.add_argument_group("puzzle")
@@ -144,13 +142,11 @@ def add_pnoc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         choices=("cams", "features"),
         help="cams: hard masks x·1[M̂ <= --oc_train_mask_t]; features: the generator's soft-masked images",
     )
-    add_arg(
-        group, "--oc_train_mask_t", type=float, default=0.2, help="δ: erase pixels whose normalised CAM exceeds it"
-    )
+    add_arg(group, "--oc_train_mask_t", type=float, default=0.2, help="δ: erase pixels whose normalised CAM exceeds it")
     add_arg(group, "--oc-train-interval-steps", type=int, default=1, help="train the OC every N batches")
     add_arg(group, "--lr_alpha_oc", type=float, default=1.0, help="OC learning rate = --lr x this")
     add_arg(
-        group, "--max_grad_norm_oc", type=_float_or_none, default=None, help="clip the OC's gradient norm (none = off)"
+        group, "--max_grad_norm_oc", type=optional_float, default=None, help="clip the OC's gradient norm (none = off)"
     )
     add_bool_arg(group, "--oc-persist", False, "also save the trained OC to experiments/models/<tag>-oc.pth")
     add_bool_arg(
@@ -450,9 +446,7 @@ def occse_term(
     return OCTerm(class_loss(logits, remaining), logits, chosen, remaining, masked)
 
 
-def adversary_inputs(
-    images: torch.Tensor, maps: torch.Tensor, term: OCTerm, config: AdversaryConfig
-) -> torch.Tensor:
+def adversary_inputs(images: torch.Tensor, maps: torch.Tensor, term: OCTerm, config: AdversaryConfig) -> torch.Tensor:
     """Detached images the P-NOC OC trains on: hard masks ``x·1[M̂_r <= δ]`` (``cams``) or the soft-masked images.
 
     Returns:

@@ -76,9 +76,7 @@ def add_classifier_args(parser: argparse.ArgumentParser) -> None:
     add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
 
 
-def parse_class_weight(
-    text: str | None, num_classes: int, device: torch.device | str = "cpu"
-) -> torch.Tensor | None:
+def parse_class_weight(text: str | None, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``"none"`` -> None; ``"w1,...,wC"`` -> float32 [C] on ``device``; raises WSSSError on a wrong count."""
     if text is None or str(text).strip().lower() in ("", "none"):
         return None

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from core import checkpoint, cli, distributed, inference
-from core.cam import training
 from core.artifacts import CAM_SUFFIX, cam_path, save_cam
+from core.cam import training
 from core.cam.cams import multiscale_cams
 from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
