@@ -42,7 +42,6 @@ CAM_FORMAT_VERSION = 1
 CAM_SUFFIX = ".npz"
 LEGACY_CAM_SUFFIX = ".npy"
 PNG_SUFFIX = ".png"
-IGNORE_INDEX = 255
 
 # CAM values may overshoot [0, 1] by rounding in the producer (resizing, normalising); beyond this they are a bug.
 _RANGE_TOLERANCE = 1e-3

@@ -1,10 +1,6 @@
 """Training checkpoints: where they live, what they hold, atomic writes, safe loads.
 
-Layout for a run tagged ``<tag>`` (the tag may contain ``/``)::
-
-    experiments/models/<tag>.pth          final weights of the main model (state dict only; what inference loads)
-    experiments/models/<tag>/last.pth     full training state, rewritten at every epoch end (for --resume)
-    experiments/models/<tag>/args.json    resolved arguments; log.txt, metrics.jsonl beside them
+Where they live (``experiments/models/<tag>.pth`` and ``<tag>/last.pth``) is :mod:`core.paths`' rule.
 
 Files are saved with plain Python containers and tensors only, so they load with ``weights_only=True``.
 """
@@ -26,30 +22,6 @@ from core.errors import WSSSError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MODELS_DIR = Path("experiments") / "models"
-CHECKPOINT_NAME = "last.pth"
-
-
-def run_dir(tag: str, root: str | Path = MODELS_DIR) -> Path:
-    """Folder of a run's state and logs: ``<root>/<tag>/``."""
-    _check_tag(tag)
-    return Path(root) / tag
-
-
-def final_weights_path(tag: str, root: str | Path = MODELS_DIR) -> Path:
-    """Final weights of a run: ``<root>/<tag>.pth`` (the only place the extension is added)."""
-    _check_tag(tag)
-    return Path(root) / f"{tag}.pth"
-
-
-def checkpoint_path(tag: str, root: str | Path = MODELS_DIR) -> Path:
-    """Full resumable state of a run: ``<root>/<tag>/last.pth``."""
-    return run_dir(tag, root) / CHECKPOINT_NAME
-
-
-def _check_tag(tag: str) -> None:
-    if not tag or tag.startswith("/") or ".." in Path(tag).parts or tag.endswith(".pth"):
-        raise WSSSError(f"--tag {tag!r} must be a relative name such as vanilla/voc12-rs269 (no '..', no .pth)")
 
 
 def plain_args(args: Any) -> dict[str, Any]:

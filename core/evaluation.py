@@ -28,7 +28,8 @@ import numpy as np
 from core import artifacts
 from core.crf import crf_inference_labels, crf_inference_probs, crf_refine_label_map, describe_crf
 from core.errors import WSSSError
-from core.metrics import IGNORE_INDEX, ThresholdSweep, best_index
+from core.labels import IGNORE_INDEX, compact_labels
+from core.metrics import ThresholdSweep, best_index
 from core.parallel import chunked, parallel_map
 
 logger = logging.getLogger(__name__)
@@ -49,21 +50,6 @@ def threshold_range(min_th: float, max_th: float, step_th: float) -> list[float]
         raise WSSSError(f"empty threshold range {min_th}..{max_th} step {step_th}; check --min_th/--max_th/--step_th")
     count = int(math.floor((max_th - min_th) / step_th + 1e-6)) + 1
     return [round(min_th + i * step_th, 10) for i in range(count)]
-
-
-def _compact_labels(cams: np.ndarray, background: float | np.ndarray) -> np.ndarray:
-    """Compact label map for the CRF: 0 where no plane beats ``background`` (ties go to background), else 1 + the
-    first winning plane; int64 [H, W] in 0..n. (Same decision as ``core.cam.cams.cams_to_label_map``, without torch.)
-
-    Args:
-        cams: float [n, H, W] class scores (n >= 0).
-        background: a constant threshold or a float [H, W] background score (e.g. 1 - saliency).
-    """
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.shape[0] == 0:
-        return np.zeros(cams.shape[1:], dtype=np.int64)
-    winner = cams.argmax(axis=0) + 1
-    return np.where(cams.max(axis=0) > np.asarray(background, dtype=np.float32), winner, 0).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -198,7 +184,7 @@ def _add_cams_with_crf(
             compact = marginals.argmax(axis=0)
         else:
             compact = crf_inference_labels(
-                image, _compact_labels(cams, background), max(len(keys) + 1, 2), t=job.crf_t, gt_prob=job.crf_gt_prob
+                image, compact_labels(cams, background), max(len(keys) + 1, 2), t=job.crf_t, gt_prob=job.crf_gt_prob
             )
         sweep.add_labels(lookup[np.minimum(compact, len(keys))], gt, index=index)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from core.labels import IGNORE_INDEX
 
-IGNORE_INDEX = 255
+logger = logging.getLogger(__name__)
 
 
 def _flat_gt_rows(gt: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import checkpoint, distributed, runlog
+from core import checkpoint, distributed, paths, runlog
 from core.distributed import DistInfo
 from core.errors import WSSSError
 
@@ -77,7 +77,7 @@ def detached_run(
         stage=stage,
         dist=DistInfo(device=device),
         run_dir=nowhere,
-        checkpoint_path=nowhere / checkpoint.CHECKPOINT_NAME,
+        checkpoint_path=nowhere / paths.CHECKPOINT_NAME,
         final_path=nowhere.with_suffix(".pth"),
         resume=False,
         local_batch_size=local_batch_size,
@@ -118,7 +118,7 @@ def _remove_stale_state(run_dir: Path, last_path: Path) -> None:
             stale.unlink()
 
 
-def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = checkpoint.MODELS_DIR) -> Run:
+def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.MODELS_DIR) -> Run:
     """Prepare a training run from its flags.
 
     Joins the process group (torchrun) or stays single-process, checks the global batch splits over the
@@ -138,9 +138,9 @@ def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = checkpo
         raise WSSSError("--tag is required: it names the run folder experiments/models/<tag>/")
     info = distributed.init_distributed(getattr(args, "device", "auto"))
     local_batch = distributed.per_rank_batch(args.batch_size, info.world_size)
-    run_dir = checkpoint.run_dir(args.tag, models_dir)
-    last_path = checkpoint.checkpoint_path(args.tag, models_dir)
-    final_path = checkpoint.final_weights_path(args.tag, models_dir)
+    run_dir = paths.run_dir(args.tag, models_dir)
+    last_path = paths.checkpoint_path(args.tag, models_dir)
+    final_path = paths.final_weights_path(args.tag, models_dir)
     # Every rank sees the same files, so every rank reaches the same verdict (no rank hangs in a barrier).
     resume = checkpoint.check_outputs(final_path, last_path, bool(args.overwrite), bool(args.resume))
 

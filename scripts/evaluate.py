@@ -21,23 +21,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core import cli
+from core import cli, paths
 from core.artifacts import write_json
 from core.datasets import source_from_args
-from core.errors import WSSSError
 from core.evaluation import MODES, PRED_IGNORE_POLICIES, evaluate_predictions, format_report, threshold_range
 from core.parallel import default_num_workers
 
 logger = logging.getLogger(__name__)
-
-PREDICTIONS_DIR = Path("experiments/predictions")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("evaluate", description=__doc__.split("\n\n")[0], add_help=add_help)
     cli.add_dataset_args(parser, domain="train")
     group = parser.add_argument_group("predictions")
-    cli.add_arg(group, "--experiment_name", type=str, default=None, help=f"predictions in {PREDICTIONS_DIR}/<name>")
+    cli.add_arg(
+        group, "--experiment_name", type=str, default=None, help=f"predictions in {paths.PREDICTIONS_DIR}/<name>"
+    )
     cli.add_arg(group, "--pred_dir", type=str, default=None, help="prediction folder (overrides --experiment_name)")
     cli.add_arg(
         group,
@@ -81,11 +80,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def resolve_pred_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<experiment_name>``."""
-    if args.pred_dir:
-        return Path(args.pred_dir)
-    if args.experiment_name:
-        return PREDICTIONS_DIR / args.experiment_name
-    raise WSSSError("no predictions given; pass --experiment_name NAME or --pred_dir DIR")
+    return paths.named_predictions_dir(args.experiment_name, args.pred_dir)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,13 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.cam.cams import (
-    cams_to_label_map,
-    label_map_with_ignore,
-    multiscale_cams,
-    normalize_cams,
-    resize_bicubic,
-)
+from core.cam.cams import multiscale_cams, normalize_cams, resize_bicubic
+from core.labels import cams_to_label_map, label_map_with_ignore
 
 torch.set_num_threads(2)
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core import checkpoint, cli, inference
+from core import checkpoint, cli, inference, paths
 from core.artifacts import load_cam, strided_size
 from core.cam.cams import multiscale_cams
 from core.datasets import VOC_CLASSES, build_source
 from core.errors import WSSSError
+from core.labels import foreground_keys
 from core.models import Classifier
 from scripts.cam import inference as cam_inference
 
@@ -36,7 +37,7 @@ def work(tmp_path, monkeypatch, synthetic_voc):
     """A working folder holding experiments/models/r18.pth (random resnet18, 20 classes) and a 4-id list."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    checkpoint.save_weights(checkpoint.final_weights_path("r18"), Classifier("resnet18", 20).state_dict())
+    checkpoint.save_weights(paths.final_weights_path("r18"), Classifier("resnet18", 20).state_dict())
     ids = build_source("voc12", synthetic_voc, "train").ids[:FEW_IDS]
     (tmp_path / "few.txt").write_text("\n".join(ids) + "\n")
     return tmp_path
@@ -74,14 +75,14 @@ def run(argv: list[str]) -> dict:
 def test_predictions_dir_keeps_the_full_domain_name():
     root = Path("experiments/predictions")
     assert (
-        inference.predictions_dir("pnoc/r1", "train_aug", [0.5, 1, 1.5, 2])
+        paths.predictions_dir("pnoc/r1", "train_aug", [0.5, 1, 1.5, 2])
         == root / "pnoc/r1@train_aug@scale=0.5,1.0,1.5,2.0"
     )
-    assert inference.predictions_dir("t", "train", [1.0]) != inference.predictions_dir("t", "train_aug", [1.0])
-    assert inference.predictions_dir("t", "val", [1.0]) != inference.predictions_dir("t", "test", [1.0])
-    assert inference.predictions_dir("t", "/lists/my_ids.txt", [1.0]) == root / "t@my_ids@scale=1.0"
+    assert paths.predictions_dir("t", "train", [1.0]) != paths.predictions_dir("t", "train_aug", [1.0])
+    assert paths.predictions_dir("t", "val", [1.0]) != paths.predictions_dir("t", "test", [1.0])
+    assert paths.predictions_dir("t", "/lists/my_ids.txt", [1.0]) == root / "t@my_ids@scale=1.0"
     with pytest.raises(WSSSError, match="relative name"):
-        inference.predictions_dir("../t", "train", [1.0])
+        paths.predictions_dir("../t", "train", [1.0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_user_errors_are_one_line_and_exit_2(work, synthetic_voc, capsys):
     err = error_of(flags(synthetic_voc, tag="missing/run"))
     assert "weights experiments/models/missing/run.pth not found" in err and "scripts/cam/train_pnoc.py" in err
 
-    checkpoint.save_weights(checkpoint.final_weights_path("five"), Classifier("resnet18", 5).state_dict())
+    checkpoint.save_weights(paths.final_weights_path("five"), Classifier("resnet18", 5).state_dict())
     err = error_of(flags(synthetic_voc, "--weights", "five"))
     assert "5-class resnet18-like classifier" in err and "20-class resnet18 classifier" in err
 
@@ -292,5 +293,5 @@ def test_run_over_images_reports_an_unreadable_image_in_one_line(tmp_path, synth
 
 def test_labels_helpers():
     labels = {"a": np.array([0, 1, 0, 1], np.float32), "b": np.zeros(4, np.float32), "c": np.array([1, 0, 0, 0])}
-    assert inference.foreground_keys(labels["a"]).tolist() == [2, 4]
+    assert foreground_keys(labels["a"]).tolist() == [2, 4]
     assert inference.split_background_only(labels) == (["a", "c"], ["b"])

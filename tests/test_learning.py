@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import checkpoint
+from core import checkpoint, paths
 from core.datasets.synthetic import make_synthetic_voc
 from core.models import Classifier
 from scripts import evaluate
@@ -73,7 +73,7 @@ def cam_miou(data_dir: Path, tag: str) -> float:
 def test_a_short_run_from_scratch_clearly_beats_the_untrained_network(five_class_voc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    checkpoint.save_weights(checkpoint.final_weights_path("untrained"), Classifier("resnet18", 20).state_dict())
+    checkpoint.save_weights(paths.final_weights_path("untrained"), Classifier("resnet18", 20).state_dict())
     untrained = cam_miou(five_class_voc, "untrained")
 
     train_vanilla.main(

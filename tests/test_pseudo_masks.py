@@ -1,4 +1,4 @@
-"""Pseudo masks from CAM files: core.inference.pseudo_mask and scripts/cam/make_pseudo_masks.py."""
+"""Pseudo masks from CAM files: core.labels.pseudo_mask and scripts/cam/make_pseudo_masks.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from PIL import Image
 
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_saliency
-from core.cam.cams import cams_to_label_map, label_map_with_ignore
 from core.crf import crf_inference_labels
 from core.datasets import VOC_CLASSES, build_source
-from core.inference import pseudo_mask
+from core.labels import cams_to_label_map, label_map_with_ignore, pseudo_mask
 from scripts import evaluate
 from scripts.cam import make_pseudo_masks
 

@@ -10,8 +10,8 @@ import pytest
 
 from core import cli
 from core.artifacts import cam_path, save_cam, save_label_map
-from core.cam.cams import cams_to_label_map
 from core.datasets import build_source, voc_palette
+from core.labels import cams_to_label_map
 from tools import visualize
 
 CELL = 64  # the synthetic images are 64 x 64, so a 64 px cell shows them pixel for pixel

@@ -24,9 +24,9 @@ import numpy as np
 
 from core import cli
 from core.artifacts import CAM_SUFFIX, LEGACY_CAM_SUFFIX, PNG_SUFFIX, atomic_write, load_cam, load_label_map
-from core.cam.cams import cams_to_label_map
 from core.datasets import source_from_args
 from core.errors import WSSSError
+from core.labels import IGNORE_INDEX, cams_to_label_map
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ IMAGES_DIR = Path("experiments") / "images"
 HEADER_HEIGHT = 20
 BACKGROUND = 255  # white padding around letterboxed cells
 MISSING_GREY = 200
-IGNORE_INDEX = 255
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

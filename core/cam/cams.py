@@ -15,14 +15,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core.datasets.base import IGNORE_INDEX
+from core.artifacts import strided_size
 from core.datasets.transforms import normalize
+from core.labels import check_keys
 
 logger = logging.getLogger(__name__)
 
 CAM_EPS = 1e-5
 CAM_STRIDE = 4  # stride of the low-resolution ``cam`` array
 UP_STRIDE = 16  # ``hr_cam`` is resized to a multiple of this, then cropped
+
+
+def max_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Divide every map of float [..., h, w] by its own spatial max + 1e-5 (maps are expected >= 0)."""
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
 
 
 def normalize_cams(raw: torch.Tensor) -> torch.Tensor:
@@ -34,13 +40,7 @@ def normalize_cams(raw: torch.Tensor) -> torch.Tensor:
     Returns:
         Same shape, values in [0, 1); each channel with a positive value has its max just below 1, others are 0.
     """
-    cams = F.relu(raw)
-    return cams / (cams.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
-
-
-def strided_size(height: int, width: int, stride: int) -> tuple[int, int]:
-    """``(ceil(height / stride), ceil(width / stride))``."""
-    return (height - 1) // stride + 1, (width - 1) // stride + 1
+    return max_normalize(F.relu(raw))
 
 
 def imagenet_normalize(image: np.ndarray) -> np.ndarray:
@@ -91,11 +91,6 @@ def _resize_sum(per_scale: list[torch.Tensor], size: tuple[int, int]) -> torch.T
     return torch.stack(resized).sum(dim=0)
 
 
-def _max_normalize(cams: torch.Tensor) -> torch.Tensor:
-    """Divide every plane of [n, h, w] by its own max + 1e-5."""
-    return cams / (cams.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
-
-
 def multiscale_cams(
     model: nn.Module,
     image: np.ndarray,
@@ -139,7 +134,7 @@ def multiscale_cams(
         raise ValueError("multiscale_cams needs at least one scale")
     device = torch.device(device)
     height, width = output_size if output_size is not None else image.shape[:2]
-    key_array = _check_keys(keys) if keys is not None else None
+    key_array = check_keys(keys) if keys is not None else None
     if key_array is not None and key_array.size == 0:
         cam_h, cam_w = strided_size(height, width, CAM_STRIDE)
         return key_array, np.zeros((0, cam_h, cam_w), np.float32), np.zeros((0, height, width), np.float32)
@@ -153,75 +148,7 @@ def multiscale_cams(
         cam = _resize_sum(per_scale, strided_size(height, width, CAM_STRIDE))
         up_h, up_w = strided_size(height, width, UP_STRIDE)
         hr_cam = _resize_sum(per_scale, (up_h * UP_STRIDE, up_w * UP_STRIDE))[:, :height, :width]
-        cam, hr_cam = _max_normalize(cam), _max_normalize(hr_cam)
+        cam, hr_cam = max_normalize(cam), max_normalize(hr_cam)
     if key_array is None:
         key_array = np.arange(1, cam.shape[0] + 1, dtype=np.int64)
     return key_array, cam.cpu().numpy().astype(np.float32), hr_cam.cpu().numpy().astype(np.float32)
-
-
-def _check_keys(keys: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Keys as int64 [n], each a 1-based label-map index in 1..254 (0 is background, 255 ignore)."""
-    key_array = np.asarray(keys, dtype=np.int64).reshape(-1)
-    if key_array.size and (key_array.min() < 1 or key_array.max() >= IGNORE_INDEX):
-        raise ValueError(f"keys must be label-map indices in 1..254 (0 is the background), got {key_array.tolist()}")
-    return key_array
-
-
-def _split_keys(hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Keys as int64 [n] matching the planes; a leading background 0 (the ``.npy`` format's) is dropped."""
-    key_array = np.asarray(keys, dtype=np.int64).reshape(-1)
-    if key_array.size == hr_cam.shape[0] + 1 and key_array[0] == 0:
-        key_array = key_array[1:]
-    key_array = _check_keys(key_array)
-    if key_array.size != hr_cam.shape[0]:
-        raise ValueError(f"{key_array.size} keys for {hr_cam.shape[0]} CAM planes")
-    return key_array
-
-
-def _argmax_labels(hr_cam: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel max score float [H, W] (0 without planes) and the key of the best plane, uint8 [H, W]."""
-    if hr_cam.ndim != 3:
-        raise ValueError(f"expected CAMs [n, H, W], got shape {hr_cam.shape}")
-    if hr_cam.shape[0] == 0:
-        zeros = np.zeros(hr_cam.shape[1:], dtype=np.float32)
-        return zeros, zeros.astype(np.uint8)
-    lookup = keys.astype(np.uint8)
-    return hr_cam.max(axis=0), lookup[hr_cam.argmax(axis=0)]
-
-
-def cams_to_label_map(hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray, threshold: float) -> np.ndarray:
-    """Label map from CAMs with a constant background score: argmax of ``[threshold, cams...]``, ties to background.
-
-    Args:
-        hr_cam: float [n, H, W] in [0, 1].
-        keys: int [n] 1-based label indices of the planes (or [n + 1] with a leading 0, as stored in ``.npy``).
-        threshold: background score.
-
-    Returns:
-        uint8 [H, W]: 0 where the max CAM <= threshold, else the key of the arg-max plane.
-    """
-    key_array = _split_keys(hr_cam, keys)
-    best, labels = _argmax_labels(hr_cam, key_array)
-    return np.where(best > threshold, labels, 0).astype(np.uint8)
-
-
-def label_map_with_ignore(
-    hr_cam: np.ndarray, keys: Sequence[int] | np.ndarray, fg_threshold: float, bg_threshold: float
-) -> np.ndarray:
-    """Label map with an uncertain band: background, ignore (255) or the arg-max key.
-
-    Args:
-        hr_cam: float [n, H, W] in [0, 1].
-        keys: int [n] 1-based label indices (or [n + 1] with a leading 0).
-        fg_threshold: a pixel is foreground where its max CAM > fg_threshold.
-        bg_threshold: a pixel is background where its max CAM <= bg_threshold; must be <= fg_threshold.
-
-    Returns:
-        uint8 [H, W]: 0 where max <= bg_threshold, 255 where bg_threshold < max <= fg_threshold, else the key.
-    """
-    if bg_threshold > fg_threshold:
-        raise ValueError(f"bg_threshold {bg_threshold} must not exceed fg_threshold {fg_threshold}")
-    key_array = _split_keys(hr_cam, keys)
-    best, labels = _argmax_labels(hr_cam, key_array)
-    out = np.where(best > fg_threshold, labels, np.uint8(IGNORE_INDEX))
-    return np.where(best <= bg_threshold, 0, out).astype(np.uint8)

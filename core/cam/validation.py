@@ -22,12 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core import distributed
+from core.cam.cams import max_normalize
 from core.metrics import ThresholdSweep, best_index, scores_from_confusion
 
 logger = logging.getLogger(__name__)
 
 
-def normalized_cams(cams: torch.Tensor, size: tuple[int, int], eps: float = 1e-5) -> torch.Tensor:
+def normalized_cams(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """ReLU, bilinear upsampling to ``size`` and division by each map's maximum.
 
     Args:
@@ -37,9 +38,7 @@ def normalized_cams(cams: torch.Tensor, size: tuple[int, int], eps: float = 1e-5
     Returns:
         float32 [B, C, H, W] in [0, 1] (maps that are all <= 0 stay 0).
     """
-    maps = F.interpolate(F.relu(cams.float()), size=size, mode="bilinear", align_corners=False)
-    peak = maps.flatten(2).amax(dim=2)[..., None, None]
-    return maps / (peak + eps)
+    return max_normalize(F.interpolate(F.relu(cams.float()), size=size, mode="bilinear", align_corners=False))
 
 
 def classification_counts(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

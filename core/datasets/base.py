@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 from core.errors import WSSSError
+from core.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 PACKAGED_LISTS_DIR = Path(__file__).resolve().parent / "lists"
 
 

@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import checkpoint, cli, distributed, inference
+from core import cli, distributed, inference, paths
 from core.artifacts import CAM_SUFFIX, cam_path, save_cam
 from core.cam import training
 from core.cam.cams import multiscale_cams
 from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
+from core.labels import foreground_keys
 from core.models import BACKBONES, load_classifier_weights
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def weights_path(args: argparse.Namespace) -> Path:
     """``--weights`` as a ``.pth`` path, else ``experiments/models/<weights or tag>.pth``; must exist."""
     name = args.weights or args.tag
-    path = Path(name) if name.endswith(".pth") else checkpoint.final_weights_path(name)
+    path = paths.weights_path(name)
     if not path.is_file():
         raise WSSSError(
             f"weights {path} not found; train them first (e.g. python scripts/cam/train_pnoc.py --tag {name}) "
@@ -123,7 +124,7 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
 
 def output_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<tag>@<domain>@scale=<scales>``."""
-    return Path(args.pred_dir) if args.pred_dir else inference.predictions_dir(args.tag, args.domain, args.scales)
+    return Path(args.pred_dir) if args.pred_dir else paths.predictions_dir(args.tag, args.domain, args.scales)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -149,7 +150,7 @@ def make_cam_writer(
                 image,
                 args.scales,
                 device=device,
-                keys=inference.foreground_keys(item["label"]),
+                keys=foreground_keys(item["label"]),
                 mixed_precision=bool(args.mixed_precision) and on_cuda,
                 channels_last=on_cuda,
                 output_size=(height, width),
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(args, source.num_classes, info.device)
         logger.info(
             "CAM inference of %s on %d of %d images of %s (%d without foreground excluded), scales %s -> %s",
-            args.tag, len(ids), len(labels), args.domain, excluded, inference.format_scales(args.scales), out_dir,
+            args.tag, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
         )  # fmt: skip
         writer = make_cam_writer(args, model, info.device, out_dir)
         summary = inference.run_over_images(

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference
+from core import cli, distributed, inference, paths
 from core.artifacts import PNG_SUFFIX, pending_ids
+from core.cam import pseudo_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
 from core.parallel import chunked, default_num_workers, parallel_map
@@ -45,7 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--experiment_name",
         type=str,
         default=None,
-        help=f"CAM folder {inference.PREDICTIONS_DIR}/<name> (as written by scripts/cam/inference.py)",
+        help=f"CAM folder {paths.PREDICTIONS_DIR}/<name> (as written by scripts/cam/inference.py)",
     )
     cli.add_arg(group, "--pred_dir", type=str, default=None, help="CAM folder (overrides --experiment_name)")
     cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
@@ -77,12 +78,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def cam_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<experiment_name>``; must exist."""
-    if args.pred_dir:
-        folder = Path(args.pred_dir)
-    elif args.experiment_name:
-        folder = inference.PREDICTIONS_DIR / args.experiment_name
-    else:
-        raise WSSSError("no CAM folder given; pass --experiment_name NAME or --pred_dir DIR")
+    folder = paths.named_predictions_dir(args.experiment_name, args.pred_dir, what="CAM folder")
     if not folder.is_dir():
         raise WSSSError(f"CAM folder {folder} does not exist; run scripts/cam/inference.py first or fix --pred_dir")
     return folder
@@ -111,13 +107,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise WSSSError(f"saliency folder {args.sal_dir} does not exist; check --sal_dir")
 
 
-def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> inference.PseudoMaskJob:
+def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> pseudo_masks.PseudoMaskJob:
     """The settings every worker needs; background-only ids are fillable only with --fill_missing_as_background."""
     background_only: frozenset[str] = frozenset()
     if args.fill_missing_as_background:
         labels = inference.require_labels(source, "--fill_missing_as_background")
         background_only = frozenset(inference.split_background_only(labels)[1])
-    return inference.PseudoMaskJob(
+    return pseudo_masks.PseudoMaskJob(
         source=source,
         cam_dir=cams,
         out_dir=out,
@@ -131,15 +127,15 @@ def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> i
     )
 
 
-def check_inputs(args: argparse.Namespace, job: inference.PseudoMaskJob, ids: list[str]) -> None:
+def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids: list[str]) -> None:
     """Every id needs a CAM file (or a background-only fill) and, with ``--sal_dir``, a saliency map."""
-    missing = inference.missing_cam_files(job, ids)
+    missing = pseudo_masks.missing_cam_files(job, ids)
     if missing:
         hint = "" if args.fill_missing_as_background else (
             "; images without a foreground class have none: pass --fill_missing_as_background true for them"
         )  # fmt: skip
         raise WSSSError(
-            f"{inference.describe_missing(missing, len(ids), job.cam_dir)}; run scripts/cam/inference.py "
+            f"{pseudo_masks.describe_missing(missing, len(ids), job.cam_dir)}; run scripts/cam/inference.py "
             f"for --domain {args.domain} first{hint}"
         )
     if job.sal_dir is not None:
@@ -167,7 +163,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         start = time.perf_counter()
         chunks = chunked(todo, max(1, args.num_workers) * 8) if todo else []
-        writer = functools.partial(inference.write_pseudo_masks, job)
+        writer = functools.partial(pseudo_masks.write_pseudo_masks, job)
         written = sum(parallel_map(writer, chunks, args.num_workers, desc="pseudo masks"))
         seconds = time.perf_counter() - start
         distributed.barrier()

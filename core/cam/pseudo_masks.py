@@ -1,0 +1,115 @@
+"""Pseudo masks from CAM files: the evaluator's decoding at one background threshold, written as label PNGs.
+
+The decoding rule itself is :func:`core.labels.pseudo_mask`; this module reads the files (CAMs, saliency, images),
+checks that they belong together and writes ``<out_dir>/<id>.png`` atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import artifacts
+from core.errors import WSSSError
+from core.labels import pseudo_mask
+
+_SHOWN_IDS = 3
+
+
+@dataclass(frozen=True)
+class PseudoMaskJob:
+    """Settings of a pseudo-mask run, sent once to each worker process.
+
+    Attributes:
+        source: data source (``read_image``, ``image_path``, ``palette``, ``num_classes``).
+        cam_dir: folder of ``<id>.npz`` (or legacy ``<id>.npy``) CAM files.
+        out_dir: folder of the ``<id>.png`` label maps.
+        threshold: background score (foreground threshold of the band).
+        bg_threshold: lower threshold of the uncertain band, or None.
+        sal_dir: folder of saliency PNGs (background = 1 - saliency), or None.
+        crf_t, crf_gt_prob: label CRF.
+        allow_pickle: read legacy pickled ``.npy`` CAM files.
+        background_only: ids without any foreground class; they get an all-zero mask without a CAM file.
+    """
+
+    source: Any
+    cam_dir: Path
+    out_dir: Path
+    threshold: float = 0.25
+    bg_threshold: float | None = None
+    sal_dir: Path | None = None
+    crf_t: int = 0
+    crf_gt_prob: float = 0.7
+    allow_pickle: bool = False
+    background_only: frozenset[str] = frozenset()
+
+    def cam_file(self, image_id: str) -> Path | None:
+        """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
+        for suffix in (artifacts.CAM_SUFFIX, artifacts.LEGACY_CAM_SUFFIX):
+            path = self.cam_dir / f"{image_id}{suffix}"
+            if path.is_file():
+                return path
+        return None
+
+    def label_map(self, image_id: str) -> np.ndarray:
+        """The pseudo mask of one id: uint8 [H, W], values in {0..C, 255}."""
+        path = self.cam_file(image_id)
+        if path is None:
+            if image_id not in self.background_only:
+                raise WSSSError(f"CAM file {self.cam_dir / image_id}.npz not found; run scripts/cam/inference.py first")
+            height, width = self.source.read_image(image_id).shape[:2]
+            return np.zeros((height, width), dtype=np.uint8)
+        cams = artifacts.load_cam(path, allow_pickle=self.allow_pickle, with_cam=False)
+        if cams.keys.size and cams.keys.max() > self.source.num_classes:
+            raise WSSSError(
+                f"{path} has class keys {cams.keys.tolist()} beyond the {self.source.num_classes} classes "
+                "of --dataset; check --dataset and --pred_dir"
+            )
+        background: float | np.ndarray = self.threshold
+        if self.sal_dir is not None:
+            saliency = artifacts.load_saliency(self.sal_dir / f"{image_id}{artifacts.PNG_SUFFIX}")
+            if saliency.shape != cams.size:
+                raise WSSSError(
+                    f"saliency map of {image_id} in {self.sal_dir} is {saliency.shape} but its CAMs are "
+                    f"{cams.size}; the folders belong to different images"
+                )
+            background = 1.0 - saliency
+        image = self.source.read_image(image_id) if self.crf_t > 0 else None
+        if image is not None and image.shape[:2] != cams.size:
+            raise WSSSError(
+                f"{path} is {cams.size[0]}x{cams.size[1]} but image {image_id} is {image.shape[0]}x{image.shape[1]}; "
+                "the CAMs belong to other images (check --dataset, --domain and --pred_dir)"
+            )
+        return pseudo_mask(
+            cams.hr_cam,
+            cams.keys,
+            background,
+            bg_threshold=self.bg_threshold,
+            image=image,
+            crf_t=self.crf_t,
+            crf_gt_prob=self.crf_gt_prob,
+        )
+
+
+def write_pseudo_masks(job: PseudoMaskJob, ids: Sequence[str]) -> int:
+    """Write ``<out_dir>/<id>.png`` (palette PNG, atomic) for each id; returns how many were written."""
+    for image_id in ids:
+        artifacts.save_label_map(
+            job.out_dir / f"{image_id}{artifacts.PNG_SUFFIX}", job.label_map(image_id), palette=job.source.palette
+        )
+    return len(ids)
+
+
+def missing_cam_files(job: PseudoMaskJob, ids: Sequence[str]) -> list[str]:
+    """Ids that have neither a CAM file nor a background-only label (they cannot get a mask)."""
+    return [i for i in ids if i not in job.background_only and job.cam_file(i) is None]
+
+
+def describe_missing(missing: Sequence[str], total: int, folder: Path) -> str:
+    """``"3 of 24 CAM files missing in DIR (first: a, b, c, ...)"``."""
+    shown = ", ".join(missing[:_SHOWN_IDS]) + (", ..." if len(missing) > _SHOWN_IDS else "")
+    return f"{len(missing)} of {total} CAM files missing in {folder} (first: {shown})"
