@@ -80,6 +80,18 @@ def add_bool_arg(parser: argparse.ArgumentParser | Any, name: str, default: bool
     return add_arg(parser, name, type=str2bool, nargs="?", const=True, default=default, metavar="true|false", help=help)
 
 
+def add_overwrite_arg(parser: argparse.ArgumentParser | Any) -> argparse.Action:
+    """``--overwrite true``: empty the output folder's files and start again, when its manifest records other
+    flags or inputs (without it such a rerun refuses; with the same ones it resumes)."""
+    return add_bool_arg(
+        parser,
+        "--overwrite",
+        False,
+        "empty the output folder first; needed when its manifest.json records other flags or inputs "
+        "(a rerun with the same ones resumes)",
+    )
+
+
 def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> argparse._ArgumentGroup:
     """``--dataset``, ``--data_dir``, ``--domain`` and the custom-dataset overrides, in one group."""
     group = parser.add_argument_group("dataset")

@@ -90,3 +90,14 @@ def named_predictions_dir(experiment_name: str | None, pred_dir: str | None, wha
     if experiment_name:
         return PREDICTIONS_DIR / experiment_name
     raise WSSSError(f"no {what} given; pass --experiment_name NAME or --pred_dir DIR")
+
+
+def evaluation_dir(pred_dir: str | Path, root: str | Path = RESULTS_DIR) -> Path:
+    """Where ``scripts/evaluate.py`` logs its reports of ``pred_dir``: ``<root>/eval/<pred_dir below predictions/>``
+    (or the folder's name when it lies elsewhere)."""
+    pred_dir = Path(pred_dir)
+    try:
+        name = pred_dir.resolve().relative_to(PREDICTIONS_DIR.resolve())
+    except ValueError:
+        name = Path(pred_dir.resolve().name)
+    return Path(root) / "eval" / name

@@ -1,31 +1,54 @@
-"""Per-run set-up, the first call of every training ``main``: processes, seeds, folders, logging, args.json.
+"""The one set-up path of every script: processes, seeds, folders, logging, ``args.json`` and the manifest.
 
-``setup(args, stage)`` turns the parsed flags into a :class:`Run` that knows where the run writes
-(``experiments/models/<tag>/``), which device and rank it is, and whether it resumes a checkpoint.
+Two context managers, one per kind of script:
+
+* :func:`training_run` (training scripts) yields a :class:`Run` that knows where the run writes
+  (``experiments/models/<tag>/``), which device and rank it is, and whether it resumes a checkpoint;
+* :func:`stage_run` (inference, pseudo masks, evaluation and every later ``make_*`` script) yields a
+  :class:`StageRun` writing into one output folder, resumable per file.
+
+Both write ``manifest.json`` (:mod:`core.manifest`) when the work starts and again, marked complete, when it
+ends; a rerun whose flags or inputs differ from the manifest's refuses unless ``--overwrite true``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from core import checkpoint, distributed, paths, runlog
+from core import checkpoint, distributed, manifest, paths, runlog
 from core.distributed import DistInfo
-from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
 
+class _OnDevice:
+    """The device and rank-0 shortcuts of a run that has a ``dist`` (:class:`core.distributed.DistInfo`)."""
+
+    dist: DistInfo
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
 @dataclass
-class Run:
+class Run(_OnDevice):
     """Everything a training script needs to know about the current run.
 
     Attributes:
@@ -51,14 +74,8 @@ class Run:
     local_batch_size: int
     metrics: runlog.MetricsWriter
     wandb: runlog.WandbLogger
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
+    provenance: manifest.Provenance | None = None
+    started: str = ""
 
     def close(self) -> None:
         """Finish W&B, close the log files and leave the process group."""
@@ -118,7 +135,12 @@ def _remove_stale_state(run_dir: Path, last_path: Path) -> None:
             stale.unlink()
 
 
-def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.MODELS_DIR) -> Run:
+def setup(
+    args: argparse.Namespace,
+    stage: str,
+    models_dir: str | Path = paths.MODELS_DIR,
+    provenance: manifest.Provenance | None = None,
+) -> Run:
     """Prepare a training run from its flags.
 
     Joins the process group (torchrun) or stays single-process, checks the global batch splits over the
@@ -130,12 +152,13 @@ def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.M
             ``device``, ``overwrite``, ``resume``, ``deterministic``, ``wandb``).
         stage: stage name used for W&B ``job_type`` and the first log line.
         models_dir: root of run folders (tests pass a temporary folder).
+        provenance: what the run records in ``manifest.json``; a resumed run must match the manifest's.
 
     Raises:
-        WSSSError: bad batch size, missing tag, or outputs that would be overwritten.
+        WSSSError: bad batch size, missing tag, outputs that would be overwritten, or a resume with other
+            flags or inputs than the interrupted run.
     """
-    if not getattr(args, "tag", None):
-        raise WSSSError("--tag is required: it names the run folder experiments/models/<tag>/")
+    paths.check_tag(getattr(args, "tag", None))
     info = distributed.init_distributed(getattr(args, "device", "auto"))
     local_batch = distributed.per_rank_batch(args.batch_size, info.world_size)
     run_dir = paths.run_dir(args.tag, models_dir)
@@ -143,6 +166,8 @@ def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.M
     final_path = paths.final_weights_path(args.tag, models_dir)
     # Every rank sees the same files, so every rank reaches the same verdict (no rank hangs in a barrier).
     resume = checkpoint.check_outputs(final_path, last_path, bool(args.overwrite), bool(args.resume))
+    if resume and provenance is not None:
+        manifest.check_folder(run_dir, provenance, overwrite=False)
 
     seed_everything(int(args.seed) + info.rank)
     set_deterministic(bool(getattr(args, "deterministic", False)))
@@ -168,4 +193,143 @@ def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.M
         local_batch,
         f", resuming {last_path}" if resume else "",
     )
-    return Run(args, stage, info, run_dir, last_path, final_path, resume, local_batch, metrics, wandb)
+    run = Run(args, stage, info, run_dir, last_path, final_path, resume, local_batch, metrics, wandb, provenance)
+    run.started = manifest.utc_now()
+    if info.is_main and provenance is not None:
+        manifest.write_manifest(run_dir, provenance.record(run.started))
+    return run
+
+
+def data_context(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset a stage reads, as its manifest records it (not part of the identity: folders move)."""
+    return {name: getattr(args, name, None) for name in ("dataset", "data_dir", "domain")}
+
+
+def script_name(path: str | os.PathLike) -> str:
+    """A script's path relative to the repository (``scripts/cam/inference.py``), as manifests record it."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+
+@contextlib.contextmanager
+def training_run(
+    args: argparse.Namespace,
+    stage: str,
+    script: str | os.PathLike,
+    inputs: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
+    models_dir: str | Path = paths.MODELS_DIR,
+) -> Iterator[Run]:
+    """:func:`setup` a training run, record its manifest, and close it whatever happens.
+
+    The manifest is written when the run starts (``complete: false``) and, when the body returns, again with
+    the finished time and the final weights' fingerprint.
+
+    Args:
+        args: the parsed flags.
+        stage: ``cam``, ``ccam``, ``rw`` or ``seg``.
+        script: the calling script's ``__file__``.
+        inputs: weights the run starts from (name -> :func:`core.manifest.file_fingerprint`), part of its identity.
+        context: recorded only, e.g. the dataset folder and domain.
+        models_dir: root of run folders (tests pass a temporary folder).
+    """
+    flags = checkpoint.plain_args(args)
+    provenance = manifest.Provenance(stage, script_name(script), flags, inputs or {}, context or {})
+    run = setup(args, stage, models_dir, provenance)
+    try:
+        yield run
+        distributed.barrier()
+        if run.is_main:
+            outputs = {"weights": manifest.file_fingerprint(run.final_path)} if run.final_path.is_file() else {}
+            epochs = {"epochs": int(getattr(args, "max_epoch", 0))}
+            record = provenance.record(run.started, epochs, finished=manifest.utc_now(), outputs=outputs)
+            manifest.write_manifest(run.run_dir, record)
+    finally:
+        run.close()
+
+
+@dataclass
+class StageRun(_OnDevice):
+    """A running artifact stage (inference, pseudo masks, evaluation): where it writes and what it did.
+
+    Attributes:
+        args: the parsed flags.
+        stage: stage name for the log and the manifest.
+        dist: rank, world size and device.
+        out_dir: the output folder (log.txt, args.json, manifest.json and the per-image files).
+        resumed: True when earlier outputs of the same provenance are kept (only missing ids are done).
+        counts: what the stage reports in its manifest, e.g. ``{"written": 1464, "skipped": 0}``; the body fills it.
+    """
+
+    args: argparse.Namespace
+    stage: str
+    dist: DistInfo
+    out_dir: Path
+    resumed: bool
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def stage_run(
+    args: argparse.Namespace,
+    stage: str,
+    script: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    inputs: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
+    ignore: Iterable[str] = (),
+    outputs: Iterable[Path] | None = None,
+    device: str = "cpu",
+    resumable: bool = True,
+) -> Iterator[StageRun]:
+    """Set up an artifact stage writing into ``out_dir``, and record its manifest.
+
+    Joins the process group (torchrun) or stays single-process, seeds ``--seed + rank`` (0 without the flag),
+    checks the folder against the manifest of an earlier run (same provenance: resume; other flags or inputs:
+    refuse; ``--overwrite true``: empty its files first), starts logging to ``<out_dir>/log.txt`` and writes
+    ``args.json`` and ``manifest.json`` (rank 0). When the body returns, every rank waits and rank 0 marks the
+    manifest complete with :attr:`StageRun.counts`.
+
+    Args:
+        args: the parsed flags (``--overwrite`` is read when present).
+        stage: ``cam``, ``ccam``, ``rw``, ``seg`` or ``eval``.
+        script: the calling script's ``__file__``.
+        out_dir: the output folder.
+        inputs: what decides the content besides the flags (weights files, input folders), see
+            :class:`core.manifest.Provenance`.
+        context: recorded only (dataset folder, domain, id count).
+        ignore: flags that do not decide the content (e.g. the flag naming the output folder).
+        outputs: the stage's files already in the folder, checked when it has no manifest (default: none).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resumable: False for stages that recompute everything on every run (evaluation): the folder's manifest is
+            replaced instead of compared, and its log grows.
+    """
+    info = distributed.init_distributed(device)
+    out_dir = Path(out_dir)
+    flags = checkpoint.plain_args(args)
+    provenance = manifest.Provenance(
+        stage, script_name(script), flags, inputs or {}, context or {}, frozenset(ignore) | {"pred_dir", "output"}
+    )
+    try:
+        overwrite = bool(getattr(args, "overwrite", False))
+        resumed = False
+        if resumable:
+            resumed = manifest.check_folder(out_dir, provenance, overwrite, outputs or (), remove=info.is_main)
+        seed_everything(int(getattr(args, "seed", 0) or 0) + info.rank)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        runlog.setup_logging(out_dir, info.rank)
+        started = manifest.utc_now()
+        if info.is_main:
+            runlog.save_args(out_dir / "args.json", flags)
+            manifest.write_manifest(out_dir, provenance.record(started))
+        run = StageRun(args, stage, info, out_dir, resumed)
+        yield run
+        distributed.barrier()
+        if info.is_main:
+            manifest.write_manifest(out_dir, provenance.record(started, run.counts, finished=manifest.utc_now()))
+    finally:
+        runlog.close_logging()
+        distributed.cleanup()

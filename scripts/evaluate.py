@@ -6,8 +6,10 @@ processes. The best threshold is chosen on the GT of the evaluated domain, and t
 
 Reads:  <pred_dir>/<id>.npz (npy mode; legacy <id>.npy with --allow_pickle) or <id>.png (png, saliency modes),
         the dataset's ground-truth masks, <sal_dir>/<id>.png (optional), the images (only with --crf_t > 0)
-Writes: the report to the log; --json OUT: {"miou", "iou", "threshold", "fp", "fn", "precision", "recall",
-        "protocol", ...} (percentages 0-100)
+Writes: the report to the log and to experiments/results/eval/<prediction folder>/log.txt (every evaluation), with
+        results.json, args.json and manifest.json of the last one; --json OUT: {"miou", "iou", "threshold", "fp",
+        "fn", "precision", "recall", "protocol", ...} (percentages 0-100); the protocol's made_by names what made
+        the predictions (their manifest.json)
 Example:
     python scripts/evaluate.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train \
         --experiment_name pnoc-rs269@train@scale=0.5,1.0,1.5,2.0 --mode npy --min_th 0.05 --max_th 0.80 \
@@ -21,9 +23,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core import cli, paths
+from core import cli, manifest, paths, runtime
 from core.artifacts import write_json
 from core.datasets import source_from_args
+from core.errors import WSSSError
 from core.evaluation import MODES, PRED_IGNORE_POLICIES, evaluate_predictions, format_report, threshold_range
 from core.parallel import default_num_workers
 
@@ -86,28 +89,39 @@ def resolve_pred_dir(args: argparse.Namespace) -> Path:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     pred_dir = resolve_pred_dir(args)
     source = source_from_args(args)
-    if args.threshold is not None:
-        thresholds = [args.threshold]
-    else:
-        thresholds = threshold_range(args.min_th, args.max_th, args.step_th)
-    result = evaluate_predictions(
-        source,
-        pred_dir,
-        args.mode,
-        thresholds,
-        sal_dir=args.sal_dir,
-        crf_t=args.crf_t,
-        crf_gt_prob=args.crf_gt_prob,
-        pred_ignore=args.pred_ignore,
-        allow_pickle=args.allow_pickle,
-        num_workers=args.num_workers,
+    thresholds = (
+        [args.threshold] if args.threshold is not None else threshold_range(args.min_th, args.max_th, args.step_th)
     )
-    logger.info("evaluation of %s\n%s", pred_dir, format_report(result))
-    summary = result.summary()
-    if args.json:
-        write_json(args.json, summary)
-        logger.info("wrote %s", args.json)
-    return summary
+    if not pred_dir.is_dir():
+        raise WSSSError(f"prediction folder {pred_dir} does not exist; check --experiment_name/--pred_dir")
+    made_by = manifest.read_manifest(pred_dir)
+    inputs = {"predictions": manifest.folder_fingerprint(pred_dir)}
+    with runtime.stage_run(
+        args, "eval", __file__, paths.evaluation_dir(pred_dir), inputs, runtime.data_context(args), resumable=False
+    ) as run:
+        result = evaluate_predictions(
+            source,
+            pred_dir,
+            args.mode,
+            thresholds,
+            sal_dir=args.sal_dir,
+            crf_t=args.crf_t,
+            crf_gt_prob=args.crf_gt_prob,
+            pred_ignore=args.pred_ignore,
+            allow_pickle=args.allow_pickle,
+            num_workers=args.num_workers,
+        )
+        result.protocol["made_by"] = (
+            manifest.summary_line(made_by) if made_by else "unknown (the folder has no manifest)"
+        )
+        logger.info("evaluation of %s\n%s", pred_dir, format_report(result))
+        summary = result.summary()
+        write_json(run.out_dir / "results.json", summary)
+        if args.json:
+            write_json(args.json, summary)
+            logger.info("wrote %s", args.json)
+        run.counts = {"images": result.protocol["num_images"], "miou": summary["miou"]}
+        return summary
 
 
 if __name__ == "__main__":

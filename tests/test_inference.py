@@ -96,7 +96,9 @@ def test_one_file_per_labelled_image_with_gt_keys_then_resume(work, synthetic_vo
     assert Path(summary["out_dir"]).resolve() == out_dir.resolve()
     source = build_source("voc12", synthetic_voc, str(work / "few.txt"))
     assert summary["written"] == FEW_IDS and summary["skipped"] == 0 and summary["images_per_s"] > 0
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{i}.npz" for i in source.ids)
+    assert sorted(p.name for p in out_dir.glob("*.npz")) == sorted(f"{i}.npz" for i in source.ids)
+    provenance = {"args.json", "log.txt", "manifest.json"}
+    assert {p.name for p in out_dir.iterdir()} - {f"{i}.npz" for i in source.ids} == provenance
     for image_id in source.ids:
         cams = load_cam(out_dir / f"{image_id}.npz")
         height, width = source.read_image(image_id).shape[:2]
@@ -108,10 +110,10 @@ def test_one_file_per_labelled_image_with_gt_keys_then_resume(work, synthetic_vo
             peaks = planes.reshape(len(cams.keys), -1).max(axis=1)
             assert np.all((peaks == 0) | (np.abs(peaks - 1) < 1e-3))  # each plane divided by its own max
 
-    stamps = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.npz")}
     again = run(flags(synthetic_voc))
     assert (again["written"], again["skipped"]) == (0, FEW_IDS)
-    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == stamps
+    assert {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.npz")} == stamps
 
     # A deleted file is recreated; a leftover temporary file of an interrupted write is not taken for it.
     victim = out_dir / f"{source.ids[1]}.npz"
@@ -246,7 +248,7 @@ def test_cuda_out_of_memory_stops_naming_the_image_and_keeps_finished_files(work
     with pytest.raises(WSSSError, match=f"CUDA out of memory on image {ids[1]} \\(64x64\\).*--resize") as error:
         run(flags(synthetic_voc, "--scales", "1.0", "--pred_dir", "oom"))
     assert "\n" not in str(error.value)
-    assert sorted(p.name for p in Path("oom").iterdir()) == [f"{ids[0]}.npz"]
+    assert sorted(p.name for p in Path("oom").glob("*.npz")) == [f"{ids[0]}.npz"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

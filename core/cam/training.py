@@ -1,17 +1,21 @@
 """Pieces every CAM-generator training script shares (vanilla, Puzzle, OC-CSE, P-OC, P-NOC): flags, data, the
-classifier with its optimizer, and the end-of-epoch validation hook. The method scripts add only their step
-(see :mod:`core.cam.methods`).
+classifier with its optimizer, the end-of-epoch validation hook, and :func:`train_cam_generator`, the recipe that
+wires them. A method script adds only what makes its method (extra networks, see :mod:`core.cam.methods`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from core.cam import validation
+from core import engine, manifest, runtime
+from core.cam import methods, validation
+from core.cam.occse import LabelSplitter
 from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform
@@ -218,3 +222,71 @@ def make_validate_fn(
         return results
 
     return validate
+
+
+# A method's extra networks: registers them in the context and returns its label splitter (None without an OC).
+AddNetworks = Callable[[TrainContext, argparse.Namespace, int], LabelSplitter | None]
+# What a method writes after training besides the final weights (P-NOC's OC): returns entries for the summary.
+FinishRun = Callable[[TrainContext, argparse.Namespace], dict[str, Any]]
+
+
+def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
+    """Fingerprints of the weight files a CAM run starts from (``--restore``, ``--oc-pretrained``, a backbone
+    ``.pth``): part of the run's identity in its manifest."""
+    files = {
+        "restore": getattr(args, "restore", None),
+        "oc_pretrained": getattr(args, "oc_pretrained", None),
+        "backbone_weights": getattr(args, "backbone_weights", None),
+    }
+    return {name: manifest.file_fingerprint(path) for name, path in files.items() if path and os.path.isfile(path)}
+
+
+def add_frozen_ordinary_classifier(ctx: TrainContext, args: argparse.Namespace, num_classes: int) -> LabelSplitter:
+    """OC-CSE and P-OC: a frozen ordinary classifier ``oc`` from ``--oc-pretrained`` and the label splitter."""
+    ctx.add("oc", methods.build_ordinary_classifier(args, num_classes, trainable=False))
+    splitter = methods.build_label_splitter(args, num_classes)
+    ctx.add_state("label_splitter", splitter)
+    return splitter
+
+
+def train_cam_generator(
+    args: argparse.Namespace,
+    method: str,
+    script: str | os.PathLike,
+    add_networks: AddNetworks | None = None,
+    finish: FinishRun | None = None,
+) -> dict[str, Any]:
+    """The recipe every CAM training script runs: set-up and manifest, data, the generator ``cg`` with its
+    optimizer, the method's extra networks, the step of ``method``, validation, :func:`core.engine.fit`.
+
+    Args:
+        args: the script's flags.
+        method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``).
+        script: the script's ``__file__`` (recorded in the manifest).
+        add_networks: registers the method's other networks (the ordinary classifier), see :data:`AddNetworks`.
+        finish: writes what the method keeps besides the final weights, inside the run (before its manifest is
+            marked complete).
+
+    Returns:
+        :func:`core.engine.fit`'s summary, plus ``finish``'s entries.
+    """
+    if "oc" in methods.METHOD_PARTS[method]:
+        methods.check_oc_pretrained(args)  # fail before any folder is created
+    with runtime.training_run(
+        args, "cam", script, inputs=starting_weights(args), context=runtime.data_context(args)
+    ) as run:
+        source, train_loader = build_train_data(args, run)
+        valid_loader = build_valid_loader(args, run)
+        class_weight = parse_class_weight(args.class_weight, source.num_classes, run.device)
+
+        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
+        add_trained_classifier(ctx, "cg", build_classifier(args, source.num_classes), args)
+        splitter = add_networks(ctx, args, source.num_classes) if add_networks is not None else None
+        log_run_plan(ctx, args)
+
+        step_fn = methods.build_step_fn(method, args, splitter, class_weight)
+        validate_fn = make_validate_fn(args, valid_loader, list(source.classes[1:]))
+        summary = engine.fit(ctx, train_loader, step_fn, validate_fn)
+        if finish is not None:
+            summary |= finish(ctx, args)
+        return summary

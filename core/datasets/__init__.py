@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from core.datasets.base import IGNORE_INDEX, DataSource, voc_palette
+from core.datasets.base import DataSource, voc_palette
 from core.datasets.coco import COCO_CLASSES, COCOSource
 from core.datasets.custom import CustomSource
 from core.datasets.voc import VOC_CLASSES, VOCSource
@@ -26,7 +26,6 @@ _TORCH_EXPORTS = ("ClassificationDataset", "SegmentationDataset", "ImageDataset"
 
 __all__ = [
     "COCO_CLASSES",
-    "IGNORE_INDEX",
     "SOURCES",
     "VOC_CLASSES",
     "ClassificationDataset",

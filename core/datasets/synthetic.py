@@ -33,9 +33,10 @@ import numpy as np
 from PIL import Image
 
 from core.artifacts import atomic_write
-from core.datasets.base import IGNORE_INDEX, voc_palette
+from core.datasets.base import voc_palette
 from core.datasets.voc import VOC_CLASSES
 from core.errors import WSSSError
+from core.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

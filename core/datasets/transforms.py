@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from core.datasets.base import IGNORE_INDEX
 from core.datasets.randaugment import randaugment
 from core.errors import WSSSError
+from core.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ label has no foreground class get no file (``--exclude_bg_images true``, counted
 skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world_size]``.
 
 Reads:  experiments/models/<weights or tag>.pth; the images and image-level labels of --domain
-Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys, cam, hr_cam; see core/artifacts.py)
+Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys, cam, hr_cam; see core/artifacts.py),
+        with args.json, log.txt and manifest.json (weights, flags, counts; core/manifest.py)
 Example:
     python scripts/cam/inference.py --architecture resnest269 --tag pnoc/voc12-rs269-pnoc \\
         --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train --mixed_precision true
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import cli, distributed, inference, paths
+from core import cli, distributed, inference, manifest, paths, runtime
 from core.artifacts import CAM_SUFFIX, cam_path, save_cam
 from core.cam import training
 from core.cam.cams import multiscale_cams
@@ -84,6 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="square pre-resize to N x N pixels for huge images (CAMs are mapped back to the original size)",
     )
     cli.add_bool_arg(group, "--exclude_bg_images", True, "write no file for images without a foreground class")
+    cli.add_overwrite_arg(group)
     cli.add_arg(
         group,
         "--pred_dir",
@@ -111,9 +113,8 @@ def weights_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
-    path = weights_path(args)
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device, path: Path) -> nn.Module:
+    """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode."""
     model = training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint)
     model = model.to(device).eval()
@@ -162,26 +163,36 @@ def make_cam_writer(
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_flags(args)
-    info = distributed.init_distributed(args.device)
-    try:
-        source = source_from_args(args)
-        out_dir = output_dir(args)
-        labels = inference.require_labels(source, "CAM inference")
-        with_fg, background_only = inference.split_background_only(labels)
-        if not with_fg:
-            raise WSSSError(
-                f"no image of --domain {args.domain} has a foreground class in its labels; CAM inference needs "
-                "image-level labels (unlabelled lists such as VOC test cannot be used)"
-            )
-        ids, excluded = (with_fg, len(background_only)) if args.exclude_bg_images else (list(labels), 0)
-        if args.mixed_precision and info.device.type != "cuda":
-            logger.info("--mixed_precision is ignored on %s (CAMs are computed in float32)", info.device)
-        model = build_model(args, source.num_classes, info.device)
+    source = source_from_args(args)
+    out_dir = output_dir(args)
+    weights = weights_path(args)
+    labels = inference.require_labels(source, "CAM inference")
+    with_fg, background_only = inference.split_background_only(labels)
+    if not with_fg:
+        raise WSSSError(
+            f"no image of --domain {args.domain} has a foreground class in its labels; CAM inference needs "
+            "image-level labels (unlabelled lists such as VOC test cannot be used)"
+        )
+    ids, excluded = (with_fg, len(background_only)) if args.exclude_bg_images else (list(labels), 0)
+    with runtime.stage_run(
+        args,
+        "cam",
+        __file__,
+        out_dir,
+        inputs={"weights": manifest.file_fingerprint(weights)},
+        context=runtime.data_context(args),
+        ignore={"exclude_bg_images"},  # decides which ids get a file, not what a file holds
+        outputs=out_dir.glob(f"*{CAM_SUFFIX}"),
+        device=args.device,
+    ) as run:
+        if args.mixed_precision and run.device.type != "cuda":
+            logger.info("--mixed_precision is ignored on %s (CAMs are computed in float32)", run.device)
+        model = build_model(args, source.num_classes, run.device, weights)
         logger.info(
             "CAM inference of %s on %d of %d images of %s (%d without foreground excluded), scales %s -> %s",
-            args.tag, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
+            weights, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
         )  # fmt: skip
-        writer = make_cam_writer(args, model, info.device, out_dir)
+        writer = make_cam_writer(args, model, run.device, out_dir)
         summary = inference.run_over_images(
             source, ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="cams"
         )
@@ -189,15 +200,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "wrote %d CAM files (%d already done) at %.2f images/s; %d background-only images got no file",
             summary.written, summary.skipped, summary.images_per_s, excluded,
         )  # fmt: skip
-        return {
-            "written": summary.written,
-            "skipped": summary.skipped,
-            "excluded": excluded,
-            "out_dir": str(out_dir),
-            "images_per_s": round(summary.images_per_s, 3),
-        }
-    finally:
-        distributed.cleanup()
+        run.counts = {"written": summary.written, "skipped": summary.skipped, "excluded": excluded}
+        return {**run.counts, "out_dir": str(out_dir), "images_per_s": round(summary.images_per_s, 3)}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ mask with ``--fill_missing_as_background true``. Finished PNGs are skipped (resu
 Reads:  <pred_dir>/<id>.npz (legacy <id>.npy with --allow_pickle), image-level labels of --domain,
         <sal_dir>/<id>.png (optional), the images (only with --crf_t > 0 or for background-only fills)
 Writes: <output>/<id>.png, uint8 palette PNG: 0 = background, 1..C = classes, 255 = uncertain
-        (default output <pred_dir>/pseudo_labels@t=<threshold>[@bg=<bg_threshold>][@sal][@crf=<crf_t>])
+        (default output <pred_dir>/pseudo_labels@t=<threshold>[@bg=<bg_threshold>][@sal][@crf=<crf_t>]),
+        with args.json, log.txt and manifest.json (the CAM folder's manifest id, flags, counts)
 Example:
     python scripts/cam/make_pseudo_masks.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train \\
         --experiment_name "pnoc/voc12-rs269-pnoc@train@scale=0.5,1.0,1.5,2.0" --threshold 0.3 --crf_t 10
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, paths
+from core import cli, distributed, inference, manifest, paths, runtime
 from core.artifacts import PNG_SUFFIX, pending_ids
 from core.cam import pseudo_masks
 from core.datasets import source_from_args
@@ -70,6 +71,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7, help="label-CRF confidence in the CAM labels")
     group = parser.add_argument_group("output")
     cli.add_arg(group, "--output", type=str, default=None, help="output folder (default: inside the CAM folder)")
+    cli.add_overwrite_arg(group)
     cli.add_arg(
         group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"
     )
@@ -149,14 +151,18 @@ def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_flags(args)
-    info = distributed.init_distributed("cpu")
-    try:
-        source = source_from_args(args)
-        cams = cam_dir(args)
-        out = output_dir(args, cams)
-        job = build_job(args, source, cams, out)
-        check_inputs(args, job, source.ids)
-        mine = distributed.shard(source.ids, info.rank, info.world_size)
+    source = source_from_args(args)
+    cams = cam_dir(args)
+    out = output_dir(args, cams)
+    job = build_job(args, source, cams, out)
+    check_inputs(args, job, source.ids)
+    inputs = {"cams": manifest.folder_fingerprint(cams)}
+    if job.sal_dir is not None:
+        inputs["saliency"] = manifest.folder_fingerprint(job.sal_dir)
+    with runtime.stage_run(
+        args, "cam", __file__, out, inputs, runtime.data_context(args), outputs=out.glob(f"*{PNG_SUFFIX}")
+    ) as run:
+        mine = distributed.shard(source.ids, run.dist.rank, run.dist.world_size)
         todo = pending_ids(mine, out, PNG_SUFFIX)
         logger.info(
             "pseudo masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
@@ -166,12 +172,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         writer = functools.partial(pseudo_masks.write_pseudo_masks, job)
         written = sum(parallel_map(writer, chunks, args.num_workers, desc="pseudo masks"))
         seconds = time.perf_counter() - start
-        distributed.barrier()
         filled = len([i for i in todo if i in job.background_only and job.cam_file(i) is None])
         logger.info("wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", written, seconds, filled, out)
-        return {"written": written, "skipped": len(mine) - len(todo), "filled": filled, "out_dir": str(out)}
-    finally:
-        distributed.cleanup()
+        run.counts = {"written": written, "skipped": len(mine) - len(todo), "filled": filled}
+        return {**run.counts, "out_dir": str(out)}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ true reproduces the reference for parity experiments.
 Reads:  <data_dir> images and labels of --domain_train (default train_aug); --oc-pretrained weights;
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (generator weights, EMA if --ema true); with --oc-persist true also
-        experiments/models/<tag>-oc.pth; experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+        experiments/models/<tag>-oc.pth;
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl, manifest.json}
 Example:
     torchrun --nproc_per_node=4 scripts/cam/train_pnoc.py --tag pnoc/voc12-rs269-pnoc-b16-lr0.1-ls@rs269-r1 \\
         --data_dir $WSSS_DATA_DIR --architecture resnest269 --batch_size 16 --accumulate_steps 2 \\
@@ -32,8 +33,9 @@ import argparse
 import logging
 from typing import Any
 
-from core import cli, engine, runtime
+from core import cli, engine
 from core.cam import methods, training
+from core.cam.occse import LabelSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -49,41 +51,35 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def add_adversary(ctx: engine.TrainContext, args: argparse.Namespace, num_classes: int) -> LabelSplitter:
+    """The ordinary classifier ``oc``, trained against the generator with its own LR, schedule and clipping."""
+    oc = methods.build_ordinary_classifier(args, num_classes, trainable=True)
+    training.add_trained_classifier(
+        ctx,
+        "oc",
+        oc,
+        args,
+        lr_alpha=args.lr_alpha_oc,
+        steps_divisor=args.oc_train_interval_steps,
+        max_grad_norm=args.max_grad_norm_oc,
+        ema=False,
+    )
+    splitter = methods.build_label_splitter(args, num_classes)
+    ctx.add_state("label_splitter", splitter)
+    logger.info("OC gradient leak from the generator's loss: %s", "on (reference)" if args.oc_grad_leak else "off")
+    return splitter
+
+
+def persist_adversary(ctx: engine.TrainContext, args: argparse.Namespace) -> dict[str, Any]:
+    """With ``--oc-persist true``: the trained OC's weights as ``<tag>-oc.pth`` beside the generator's."""
+    if not args.oc_persist:
+        return {}
+    oc_path = engine.write_final_weights(ctx, "oc", methods.oc_weights_path(ctx.run.final_path))
+    return {"oc_path": str(oc_path)}
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    methods.check_oc_pretrained(args)  # fail before any folder is created
-    run = runtime.setup(args, stage="cam")
-    try:
-        source, train_loader = training.build_train_data(args, run)
-        valid_loader = training.build_valid_loader(args, run)
-        class_weight = training.parse_class_weight(args.class_weight, source.num_classes, run.device)
-
-        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        training.add_trained_classifier(ctx, "cg", training.build_classifier(args, source.num_classes), args)
-        oc = methods.build_ordinary_classifier(args, source.num_classes, trainable=True)
-        training.add_trained_classifier(
-            ctx,
-            "oc",
-            oc,
-            args,
-            lr_alpha=args.lr_alpha_oc,
-            steps_divisor=args.oc_train_interval_steps,
-            max_grad_norm=args.max_grad_norm_oc,
-            ema=False,
-        )
-        splitter = methods.build_label_splitter(args, source.num_classes)
-        ctx.add_state("label_splitter", splitter)
-        training.log_run_plan(ctx, args)
-        logger.info("OC gradient leak from the generator's loss: %s", "on (reference)" if args.oc_grad_leak else "off")
-
-        step_fn = methods.build_step_fn("pnoc", args, splitter, class_weight)
-        validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        summary = engine.fit(ctx, train_loader, step_fn, validate_fn)
-        if args.oc_persist:
-            oc_path = engine.write_final_weights(ctx, "oc", methods.oc_weights_path(run.final_path))
-            summary["oc_path"] = str(oc_path)
-        return summary
-    finally:
-        run.close()
+    return training.train_cam_generator(args, "pnoc", __file__, add_networks=add_adversary, finish=persist_adversary)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ first ``--alpha_schedule`` 50 % of the steps (script default ``--alpha 1.0``, ru
 Reads:  <data_dir> images and labels of --domain_train (default train_aug); --oc-pretrained weights;
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (final weights, EMA if --ema true);
-        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl, manifest.json}
 Example:
     torchrun --nproc_per_node=4 scripts/cam/train_poc.py --tag poc/voc12-rs269-poc-r1 --data_dir $WSSS_DATA_DIR \\
         --architecture resnest269 --alpha 4.0 --label_smoothing 0.1 --mixed_precision true \\
@@ -21,7 +21,7 @@ import argparse
 import logging
 from typing import Any
 
-from core import cli, engine, runtime
+from core import cli, engine
 from core.cam import methods, training
 
 logger = logging.getLogger(__name__)
@@ -38,25 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    methods.check_oc_pretrained(args)  # fail before any folder is created
-    run = runtime.setup(args, stage="cam")
-    try:
-        source, train_loader = training.build_train_data(args, run)
-        valid_loader = training.build_valid_loader(args, run)
-        class_weight = training.parse_class_weight(args.class_weight, source.num_classes, run.device)
-
-        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        training.add_trained_classifier(ctx, "cg", training.build_classifier(args, source.num_classes), args)
-        ctx.add("oc", methods.build_ordinary_classifier(args, source.num_classes, trainable=False))  # frozen
-        splitter = methods.build_label_splitter(args, source.num_classes)
-        ctx.add_state("label_splitter", splitter)
-        training.log_run_plan(ctx, args)
-
-        step_fn = methods.build_step_fn("poc", args, splitter, class_weight)
-        validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        return engine.fit(ctx, train_loader, step_fn, validate_fn)
-    finally:
-        run.close()
+    return training.train_cam_generator(args, "poc", __file__, add_networks=training.add_frozen_ordinary_classifier)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ of the steps. ``--image_size`` must be a multiple of 2 x the output stride (32, 
 Reads:  <data_dir> images and labels of --domain_train (default train_aug);
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (final weights, EMA if --ema true);
-        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl, manifest.json}
 Example:
     torchrun --nproc_per_node=4 scripts/cam/train_puzzle.py --tag puzzle/voc12-rs269-puzzle-r1 \\
         --data_dir $WSSS_DATA_DIR --architecture resnest269 --alpha 4.0 --mixed_precision true
@@ -21,7 +21,7 @@ import argparse
 import logging
 from typing import Any
 
-from core import cli, engine, runtime
+from core import cli, engine
 from core.cam import methods, training
 
 logger = logging.getLogger(__name__)
@@ -37,21 +37,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    run = runtime.setup(args, stage="cam")
-    try:
-        source, train_loader = training.build_train_data(args, run)
-        valid_loader = training.build_valid_loader(args, run)
-        class_weight = training.parse_class_weight(args.class_weight, source.num_classes, run.device)
-
-        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        training.add_trained_classifier(ctx, "cg", training.build_classifier(args, source.num_classes), args)
-        training.log_run_plan(ctx, args)
-
-        step_fn = methods.build_step_fn("puzzle", args, class_weight=class_weight)
-        validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        return engine.fit(ctx, train_loader, step_fn, validate_fn)
-    finally:
-        run.close()
+    return training.train_cam_generator(args, "puzzle", __file__)
 
 
 if __name__ == "__main__":

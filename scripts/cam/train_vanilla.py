@@ -7,7 +7,7 @@ optionally weighted per class (``--class_weight``). The runner recipe adds ``--a
 Reads:  <data_dir> images and labels of --domain_train (default train_aug);
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (final weights, EMA if --ema true);
-        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl, manifest.json}
 Example:
     python scripts/cam/train_vanilla.py --tag vanilla/voc12-rs269ls-r1 --data_dir $WSSS_DATA_DIR \\
         --architecture resnest269 --augment randaugment --label_smoothing 0.1 --mixed_precision true
@@ -20,8 +20,8 @@ import argparse
 import logging
 from typing import Any
 
-from core import cli, engine, runtime
-from core.cam import methods, training
+from core import cli, engine
+from core.cam import training
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +35,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    run = runtime.setup(args, stage="cam")
-    try:
-        source, train_loader = training.build_train_data(args, run)
-        valid_loader = training.build_valid_loader(args, run)
-        class_weight = training.parse_class_weight(args.class_weight, source.num_classes, run.device)
-
-        ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        training.add_trained_classifier(ctx, "cg", training.build_classifier(args, source.num_classes), args)
-        training.log_run_plan(ctx, args)
-
-        step_fn = methods.build_step_fn("vanilla", args, class_weight=class_weight)
-        validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        return engine.fit(ctx, train_loader, step_fn, validate_fn)
-    finally:
-        run.close()
+    return training.train_cam_generator(args, "vanilla", __file__)
 
 
 if __name__ == "__main__":
