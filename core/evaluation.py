@@ -46,7 +46,7 @@ def threshold_range(min_th: float, max_th: float, step_th: float) -> list[float]
     ``threshold_range(0.05, 0.80, 0.05)`` gives the 16 values 0.05 ... 0.80 (``np.arange`` would give 15 or 16
     depending on rounding).
     """
-    if step_th <= 0 or max_th < min_th:
+    if not step_th > 0 or not max_th >= min_th:  # `not` also catches NaN
         raise WSSSError(f"empty threshold range {min_th}..{max_th} step {step_th}; check --min_th/--max_th/--step_th")
     count = int(math.floor((max_th - min_th) / step_th + 1e-6)) + 1
     return [round(min_th + i * step_th, 10) for i in range(count)]

@@ -57,9 +57,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="png mode: a predicted 255 counts as a miss (default), as background, or is excluded",
     )
     group = parser.add_argument_group("thresholds")
-    cli.add_arg(group, "--threshold", type=float, default=None, help="one background threshold instead of a sweep")
-    cli.add_arg(group, "--min_th", type=float, default=0.05, help="first threshold of the sweep (default 0.05)")
-    cli.add_arg(group, "--max_th", type=float, default=0.80, help="last threshold, inclusive (default 0.80)")
+    cli.add_arg(
+        group, "--threshold", type=cli.unit_float, default=None, help="one background threshold instead of a sweep"
+    )
+    cli.add_arg(
+        group, "--min_th", type=cli.unit_float, default=0.05, help="first threshold of the sweep (default 0.05)"
+    )
+    cli.add_arg(group, "--max_th", type=cli.unit_float, default=0.80, help="last threshold, inclusive (default 0.80)")
     cli.add_arg(group, "--step_th", type=float, default=0.05, help="sweep step (default 0.05: 16 thresholds)")
     group = parser.add_argument_group("crf")
     cli.add_arg(group, "--crf_t", type=int, default=0, help="dense-CRF iterations on each prediction (0 = off)")

@@ -46,7 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(group, "--num", type=int, default=8, help="number of first ids of --domain when --ids is not given")
     cli.add_arg(group, "--cam_dir", type=str, default=None, help="folder of <id>.npz CAM files")
     cli.add_arg(group, "--mask_dir", type=str, default=None, help="folder of <id>.png pseudo masks (optional)")
-    cli.add_arg(group, "--threshold", type=float, default=0.25, help="background threshold without --mask_dir")
+    cli.add_arg(group, "--threshold", type=cli.unit_float, default=0.25, help="background threshold without --mask_dir")
     cli.add_bool_arg(group, "--per_class", False, "add one CAM overlay column per class of the image")
     cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
     group = parser.add_argument_group("output")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from core.cam import validation
-from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list
+from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list, positive_int
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform
 from core.engine import TrainContext, ValidateFn, build_loader
@@ -42,9 +42,13 @@ def add_cam_data_args(
         help=f"id list to train on, e.g. train_aug (default {domain_train}; alias --domain)",
     )
     add_arg(group, "--domain_valid", type=str, default=domain_valid, help="id list with GT masks used by --validate")
-    add_arg(group, "--image_size", type=int, default=512, help="training crop and validation size (pixels)")
-    add_arg(group, "--min_image_size", type=int, default=320, help="smallest random longer side before cropping")
-    add_arg(group, "--max_image_size", type=int, default=640, help="largest random longer side before cropping")
+    add_arg(group, "--image_size", type=positive_int, default=512, help="training crop and validation size (pixels)")
+    add_arg(
+        group, "--min_image_size", type=positive_int, default=320, help="smallest random longer side before cropping"
+    )
+    add_arg(
+        group, "--max_image_size", type=positive_int, default=640, help="largest random longer side before cropping"
+    )
     add_arg(group, "--augment", type=str, default="", help="augmentations, e.g. randaugment, colorjitter, clahe")
     not_implemented = "accepted so the reference's commands run; --augment cutmix/mixup is not implemented"
     add_arg(group, "--cutmix_prob", type=float, default=1.0, help=not_implemented)

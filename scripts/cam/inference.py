@@ -38,6 +38,7 @@ from core.models import BACKBONES, load_classifier_weights
 logger = logging.getLogger(__name__)
 
 OOM_HINT = "--resize 512 (or smaller) or fewer --scales"
+MIN_SCALE = 0.1  # smaller scales shrink a typical image below one output-stride cell of the network
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -128,8 +129,9 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    if not args.scales or min(args.scales) <= 0:
-        raise WSSSError(f"--scales must be positive numbers, got {args.scales}")
+    if not args.scales or min(args.scales) < MIN_SCALE:
+        shown = paths.format_scales(args.scales)
+        raise WSSSError(f"--scales {shown}: every scale must be at least {MIN_SCALE} (e.g. --scales 0.5,1.0,1.5,2.0)")
     if args.resize is not None and args.resize < 16:
         raise WSSSError(f"--resize {args.resize} is too small; use at least 16 pixels, or leave it out")
 

@@ -57,11 +57,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "images without a foreground class and without a CAM file get an all-background mask",
     )
     group = parser.add_argument_group("decoding")
-    cli.add_arg(group, "--threshold", type=float, default=0.25, help="background threshold (default 0.25)")
+    cli.add_arg(group, "--threshold", type=cli.unit_float, default=0.25, help="background threshold (default 0.25)")
     cli.add_arg(
         group,
         "--bg_threshold",
-        type=float,
+        type=cli.unit_float,
         default=None,
         help="lower end of an uncertain band: max CAM in (bg_threshold, threshold] -> 255 (default: no band)",
     )
