@@ -18,15 +18,19 @@ the same convention.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import pickle
+import re
 import secrets
+import shutil
+import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,46 @@ _RANGE_TOLERANCE = 1e-3
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_TEMP_INFIX = ".tmp-"
+# .<name>.tmp-<pid>-<8 hex><suffix of name>: the temporary names atomic_write makes, and nothing else.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?P<suffix>.*)$")
+
+# Why writing a file failed, by errno, and what fixes it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("disk full (no space left on the device)", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk full for this user (quota exceeded)", "free some space or write elsewhere"),
+    errno.EFBIG: ("the file is too large for this file system", "write elsewhere"),
+    errno.EROFS: ("the file system is read-only", "choose a writable output location"),
+    errno.EACCES: ("permission denied", "choose a writable output location or fix the folder's permissions"),
+    errno.EPERM: ("permission denied (operation not permitted)", "choose a writable output location"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another output location"),
+    errno.EIO: ("input/output error of the device", "check the disk, or write elsewhere"),
+}
+# torch.save reports a short write (full disk, quota) as a RuntimeError of its zip writer, without an errno.
+_TORCH_WRITE_FAILURES = ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")
+
+
+def _write_failure(path: Path, error: BaseException) -> WSSSError | None:
+    """A one-line WSSSError for a failed write of ``path`` (file system or torch.save), None for other errors."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRORS:
+        reason, fix = _WRITE_ERRORS[error.errno]
+        return WSSSError(f"cannot write {path}: {reason}; {fix}")
+    if isinstance(error, RuntimeError) and any(mark in str(error) for mark in _TORCH_WRITE_FAILURES):
+        return WSSSError(
+            f"cannot write {path}: the write stopped short, the disk is probably full "
+            f"({_free_space(path.parent)} free); free some space or write elsewhere"
+        )
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**20:.0f} MiB"
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error remove it.
@@ -62,19 +106,102 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     Example:
         with atomic_write("out/2007_000032.png") as tmp:
             Image.fromarray(labels).save(tmp)
+
+    Raises:
+        WSSSError: the file system refused the write (full disk, read-only, permission), including a ``torch.save``
+            that stopped short; the message names ``path``. Other errors of the writer pass through unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        failure = _write_failure(path, e)
+        if failure is None:
+            raise
+        raise failure from e
+    tmp = path.with_name(f".{path.name}{_TEMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic_write: nothing was written to the temporary file for {path}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # BaseException too: an interrupted write must not leave a half file under a name a resume would trust.
-        tmp.unlink(missing_ok=True)
-        raise
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        failure = _write_failure(path, e)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a temporary file of this process found at start-up is left from an earlier run in it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists under another user (or cannot tell): keep its file
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, accept: Callable[[str], bool] | None = None) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` left in ``folder`` when its process was killed.
+
+    Only names of the form ``.<name>.tmp-<pid>-<8 hex><suffix>`` whose process no longer runs are removed; with
+    ``accept``, only those whose final ``<name>`` it accepts (a folder shared by several runs).
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["suffix"] != Path(match["name"]).suffix or not entry.is_file():
+            continue
+        if (accept is not None and not accept(match["name"])) or _process_alive(int(match["pid"])):
+            continue
+        with suppress(FileNotFoundError):
+            entry.unlink()
+        removed.append(entry)
+        logger.info("removed %s, left by an interrupted write", entry)
+    return removed
+
+
+def check_writable(path: str | os.PathLike, flag: str | None = None, folder: bool = False) -> None:
+    """Raise a one-line WSSSError unless ``path`` (a file, or a folder with ``folder=True``) can be written.
+
+    Nothing is created: the nearest existing folder on the way to ``path`` gets a probe file, removed at once.
+    Call it before the work starts, so a read-only or full disk is reported before hours of computing.
+
+    Args:
+        path: the output file or folder (it need not exist yet).
+        flag: the flag that chose it (e.g. ``--json``), named in the message.
+        folder: ``path`` is meant to be a folder (an existing file there is an error).
+    """
+    path = Path(path)
+    what = f"{flag} {path}" if flag else str(path)
+    if folder and path.exists() and not path.is_dir():
+        raise WSSSError(f"{what} is a file, not a folder; choose another output folder")
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise WSSSError(f"{what} cannot be written: {probe} is a file, not a folder; choose another location")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".wsss-write-test-"):
+            pass
+    except OSError as e:
+        failure = _write_failure(probe, e)
+        reason = str(failure).split(": ", 1)[1] if failure is not None else f"{e.strerror or e}"
+        raise WSSSError(f"{what} cannot be written ({probe}: {reason})") from e
+    if shutil.disk_usage(probe).free == 0:
+        raise WSSSError(f"{what} cannot be written: disk full at {probe}; free some space or write elsewhere")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import checkpoint, distributed, paths, runlog
+from core import artifacts, checkpoint, distributed, paths, runlog
 from core.distributed import DistInfo
 from core.errors import WSSSError
 
@@ -118,6 +118,18 @@ def _remove_stale_state(run_dir: Path, last_path: Path) -> None:
             stale.unlink()
 
 
+def _remove_stale_temp_files(run_dir: Path, final_path: Path) -> None:
+    # A job killed inside atomic_write leaves its .<name>.tmp-* file; the final weights' folder is shared with
+    # other tags, so there only this run's names (<tag>.pth and a companion such as <tag>-oc.pth) are cleaned.
+    artifacts.remove_stale_temp_files(run_dir)
+    stem, suffix = final_path.stem, final_path.suffix
+
+    def ours(name: str) -> bool:
+        return name == final_path.name or (name.startswith(f"{stem}-") and name.endswith(suffix))
+
+    artifacts.remove_stale_temp_files(final_path.parent, ours)
+
+
 def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.MODELS_DIR) -> Run:
     """Prepare a training run from its flags.
 
@@ -148,6 +160,7 @@ def setup(args: argparse.Namespace, stage: str, models_dir: str | Path = paths.M
     set_deterministic(bool(getattr(args, "deterministic", False)))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(run_dir, final_path)
         if not resume:
             _remove_stale_state(run_dir, last_path)
     distributed.barrier()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core import cli, paths
-from core.artifacts import write_json
+from core.artifacts import check_writable, write_json
 from core.datasets import source_from_args
 from core.evaluation import MODES, PRED_IGNORE_POLICIES, evaluate_predictions, format_report, threshold_range
 from core.parallel import default_num_workers
@@ -87,7 +87,14 @@ def resolve_pred_dir(args: argparse.Namespace) -> Path:
     return paths.named_predictions_dir(args.experiment_name, args.pred_dir)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """What can be checked before any file is read: the --json destination must be writable."""
+    if args.json:
+        check_writable(args.json, "--json")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_flags(args)
     pred_dir = resolve_pred_dir(args)
     source = source_from_args(args)
     if args.threshold is not None:

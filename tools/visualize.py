@@ -23,7 +23,15 @@ import cv2
 import numpy as np
 
 from core import cli
-from core.artifacts import CAM_SUFFIX, LEGACY_CAM_SUFFIX, PNG_SUFFIX, atomic_write, load_cam, load_label_map
+from core.artifacts import (
+    CAM_SUFFIX,
+    LEGACY_CAM_SUFFIX,
+    PNG_SUFFIX,
+    atomic_write,
+    check_writable,
+    load_cam,
+    load_label_map,
+)
 from core.datasets import source_from_args
 from core.errors import WSSSError
 from core.labels import IGNORE_INDEX, cams_to_label_map
@@ -205,6 +213,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise WSSSError(f"{flag} {folder} does not exist")
     if args.cell_size < 32:
         raise WSSSError(f"--cell_size {args.cell_size} is too small; use at least 32")
+    check_writable(Path(args.out) if args.out else default_out(args), "--out")
     source = source_from_args(args)
     ids = select_ids(args, source)
     class_columns = count_class_columns(args, ids)

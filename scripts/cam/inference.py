@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core import cli, distributed, inference, paths
-from core.artifacts import CAM_SUFFIX, cam_path, save_cam
+from core.artifacts import CAM_SUFFIX, cam_path, check_writable, save_cam
 from core.cam import training
 from core.cam.cams import multiscale_cams
 from core.datasets import source_from_args
@@ -134,6 +134,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise WSSSError(f"--scales {shown}: every scale must be at least {MIN_SCALE} (e.g. --scales 0.5,1.0,1.5,2.0)")
     if args.resize is not None and args.resize < 16:
         raise WSSSError(f"--resize {args.resize} is too small; use at least 16 pixels, or leave it out")
+    check_writable(output_dir(args), "--pred_dir", folder=True)
 
 
 def make_cam_writer(
