@@ -18,7 +18,8 @@ true reproduces the reference for parity experiments.
 Reads:  <data_dir> images and labels of --domain_train (default train_aug); --oc-pretrained weights;
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (generator weights, EMA if --ema true); with --oc-persist true also
-        experiments/models/<tag>-oc.pth; experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
+        experiments/models/<tag>-oc.pth, written first (<tag>.pth marks both complete);
+        experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl}
 Example:
     torchrun --nproc_per_node=4 scripts/cam/train_pnoc.py --tag pnoc/voc12-rs269-pnoc-b16-lr0.1-ls@rs269-r1 \\
         --data_dir $WSSS_DATA_DIR --architecture resnest269 --batch_size 16 --accumulate_steps 2 \\
@@ -77,10 +78,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         step_fn = methods.build_step_fn("pnoc", args, splitter, class_weight)
         validate_fn = training.make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        summary = engine.fit(ctx, train_loader, step_fn, validate_fn)
+        also_save = {"oc": methods.oc_weights_path(run.final_path)} if args.oc_persist else None
+        summary = engine.fit(ctx, train_loader, step_fn, validate_fn, also_save=also_save)
         if args.oc_persist:
-            oc_path = engine.write_final_weights(ctx, "oc", methods.oc_weights_path(run.final_path))
-            summary["oc_path"] = str(oc_path)
+            summary["oc_path"] = summary["also_saved"]["oc"]
         return summary
     finally:
         run.close()
