@@ -196,13 +196,16 @@ def _score_cams(job: EvalJob, sweep: ThresholdSweep, image_id: str, path: Path, 
         cams, keys = saliency[None], np.array([1], dtype=np.int64)
         gt = np.where(gt == IGNORE_INDEX, IGNORE_INDEX, np.minimum(gt, 1)).astype(np.uint8)
     else:
-        cam_file = artifacts.load_cam(path, allow_pickle=job.allow_pickle, with_cam=False)
-        _check_size(path, "hr_cam", cam_file.size, gt, job.source, image_id)
+        mask = job.source.mask_path(image_id) if hasattr(job.source, "mask_path") else image_id
+        cam_file = artifacts.load_cam(
+            path,
+            allow_pickle=job.allow_pickle,
+            with_cam=False,
+            size=gt.shape,
+            num_classes=job.num_classes - 1,
+            size_of=f"the ground truth {mask}",
+        )
         cams, keys = cam_file.hr_cam, cam_file.keys
-        if keys.size and keys.max() >= job.num_classes:
-            raise WSSSError(
-                f"{path} has class keys {keys.tolist()} beyond the {job.num_classes - 1} classes of --dataset"
-            )
     bg = None
     if job.sal_dir is not None:
         sal_path = job.sal_dir / f"{image_id}{artifacts.PNG_SUFFIX}"

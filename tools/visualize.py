@@ -140,10 +140,15 @@ def image_row(args: argparse.Namespace, source: Any, image_id: str, class_column
     cams = None
     if args.cam_dir:
         path = find_cam_file(Path(args.cam_dir), image_id)
-        cams = load_cam(path, allow_pickle=args.allow_pickle, with_cam=False) if path is not None else None
-        if cams is not None and cams.size != image.shape[:2]:
-            raise WSSSError(
-                f"{path} is {cams.size} but image {image_id} is {image.shape[:2]}; wrong --cam_dir or --domain"
+        cams = None
+        if path is not None:
+            cams = load_cam(
+                path,
+                allow_pickle=args.allow_pickle,
+                with_cam=False,
+                size=image.shape[:2],
+                num_classes=source.num_classes,
+                size_of=f"image {image_id}",
             )
         if cams is None:
             cells.append(placeholder(cell, "no CAM file"))
