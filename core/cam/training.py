@@ -147,7 +147,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
     """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
     model = classifier_from_flags(args, num_classes, args.trainable_backbone)
     if args.restore:
-        load_classifier_weights(model, args.restore)
+        load_classifier_weights(model, args.restore, weights_flag="--restore")
     return model
 
 

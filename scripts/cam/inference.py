@@ -116,7 +116,7 @@ def build_model(args: argparse.Namespace, num_classes: int, device: torch.device
     """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
     path = weights_path(args)
     model = training.classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint)
+    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
