@@ -158,6 +158,17 @@ def test_bad_training_flags_fail_before_any_folder(flag, value, synthetic_voc, t
     assert not (tmp_path / "experiments").exists()
 
 
+def test_tag_with_a_trailing_slash_is_refused_before_any_folder(synthetic_voc, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [*vanilla_flags(synthetic_voc), "--tag", "trail/"]
+    err = cli_error(train_vanilla.main, train_vanilla.get_args_parser(), argv, capsys)
+    assert (
+        err
+        == "error: --tag 'trail/' must not end with '/' or have a part starting with '.' (it would name a hidden file)"
+    )
+    assert not (tmp_path / "experiments").exists()
+
+
 def inference_flags(data_dir, *extra: str) -> list[str]:
     return [
         "--architecture", "resnet18", "--tag", "r18", "--data_dir", str(data_dir), "--domain", "train",
