@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.artifacts import atomic_write
+from core.artifacts import atomic_write, check_writable
 from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
@@ -149,13 +149,20 @@ def check_outputs(final_path: Path, last_path: Path, overwrite: bool, resume: bo
     Raises:
         WSSSError: outputs exist and neither ``--overwrite true`` nor a resumable ``--resume`` was given.
     """
+    check_writable(final_path.parent, folder=True)
+    if final_path.exists() and not overwrite:
+        # The final file is written last, so it means the run finished: a resume has nothing left to do, and
+        # continuing would only rewrite a result that later stages may already have used.
+        if resume:
+            raise WSSSError(
+                f"{final_path} already exists: this run finished, there is nothing to resume; pass --overwrite true "
+                "to train it again, or pick another --tag"
+            )
+        raise WSSSError(f"{final_path} already exists: pass --overwrite true to replace it, or pick another --tag")
     if resume and last_path.is_file():
         return True
     if overwrite:
         return False
-    if final_path.exists():
-        hint = "--overwrite true to train again" if resume else "--overwrite true to replace it, or pick another --tag"
-        raise WSSSError(f"{final_path} already exists: pass {hint}")
     if last_path.exists() and not resume:
         raise WSSSError(
             f"{last_path} exists from an earlier run: pass --resume true to continue it, or --overwrite true"

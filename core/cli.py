@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -30,17 +31,58 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _number(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
+
+
+def _items(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in str(value).split(",")]
+    if not any(items) or not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what} without empty items, got {value!r}")
+    return items
+
+
 def float_list(value: str) -> list[float]:
-    """Parse a comma-separated list of floats such as ``0.5,1.0,1.5,2.0``."""
+    """Parse a comma-separated list of finite numbers such as ``0.5,1.0,1.5,2.0``; an empty item is an error."""
     try:
-        return [float(v) for v in str(value).split(",") if v.strip()]
+        return [_number(v) for v in _items(value, "numbers")]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from e
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {value!r}") from e
 
 
 def str_list(value: str) -> list[str]:
-    """Parse a comma-separated list of words (empty items dropped)."""
-    return [v.strip() for v in str(value).split(",") if v.strip()]
+    """Parse a comma-separated list of words such as ``a,b``; an empty item (``a,,b``) is an error."""
+    return _items(value, "words")
+
+
+def positive_int(value: str) -> int:
+    """Parse a whole number >= 1 (epochs, image sizes)."""
+    try:
+        number = int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from e
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return number
+
+
+def unit_float(value: str) -> float:
+    """Parse a CAM threshold: a number in [0, 1] (CAMs are normalised to [0, 1]; NaN is refused)."""
+    try:
+        number = float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a CAM threshold in [0, 1], got {value!r}") from e
+    if not 0.0 <= number <= 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"CAM thresholds lie in [0, 1] (CAMs are normalised), got {value!r}")
+    return number
+
+
+def unit_float_list(value: str) -> list[float]:
+    """Parse a comma-separated list of CAM thresholds, each in [0, 1]."""
+    return [unit_float(v) for v in _items(value, "thresholds")]
 
 
 def optional_float(value: str) -> float | None:

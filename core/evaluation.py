@@ -46,7 +46,7 @@ def threshold_range(min_th: float, max_th: float, step_th: float) -> list[float]
     ``threshold_range(0.05, 0.80, 0.05)`` gives the 16 values 0.05 ... 0.80 (``np.arange`` would give 15 or 16
     depending on rounding).
     """
-    if step_th <= 0 or max_th < min_th:
+    if not step_th > 0 or not max_th >= min_th:  # `not` also catches NaN
         raise WSSSError(f"empty threshold range {min_th}..{max_th} step {step_th}; check --min_th/--max_th/--step_th")
     count = int(math.floor((max_th - min_th) / step_th + 1e-6)) + 1
     return [round(min_th + i * step_th, 10) for i in range(count)]
@@ -107,10 +107,14 @@ class EvaluationResult:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prediction_paths(ids: Sequence[str], pred_dir: Path, mode: str, allow_pickle: bool, domain: str) -> list[Path]:
+def prediction_paths(
+    ids: Sequence[str], pred_dir: Path, mode: str, allow_pickle: bool, domain: str, source: Any = None
+) -> list[Path]:
     """The prediction file of every id, or a WSSSError listing the missing ones before any work starts.
 
-    In ``npy`` mode ``<id>.npz`` is preferred and a legacy ``<id>.npy`` accepted (it needs ``allow_pickle``).
+    In ``npy`` mode ``<id>.npz`` is preferred and a legacy ``<id>.npy`` accepted (it needs ``allow_pickle``). With
+    ``source``, missing ids whose image-level label has no foreground class are told apart: CAM inference writes no
+    file for them by default, so "run inference" would not help.
     """
     if not pred_dir.is_dir():
         raise WSSSError(f"prediction folder {pred_dir} does not exist; check --experiment_name/--pred_dir")
@@ -124,11 +128,7 @@ def prediction_paths(ids: Sequence[str], pred_dir: Path, mode: str, allow_pickle
         else:
             paths.append(found)
     if missing:
-        shown = ", ".join(missing[:_SHOWN_MISSING]) + (", ..." if len(missing) > _SHOWN_MISSING else "")
-        raise WSSSError(
-            f"{len(missing)} of {len(ids)} predictions missing in {pred_dir} (first: {shown}); "
-            f"run inference for domain {domain} first"
-        )
+        raise WSSSError(_describe_missing(missing, len(ids), pred_dir, mode, domain, source))
     legacy = next((p for p in paths if p.suffix == artifacts.LEGACY_CAM_SUFFIX), None)
     if legacy is not None and not allow_pickle:
         raise WSSSError(
@@ -136,6 +136,41 @@ def prediction_paths(ids: Sequence[str], pred_dir: Path, mode: str, allow_pickle
             "pass --allow_pickle to read them (only for files you trust)"
         )
     return paths
+
+
+def _shown(ids: Sequence[str]) -> str:
+    return ", ".join(ids[:_SHOWN_MISSING]) + (", ..." if len(ids) > _SHOWN_MISSING else "")
+
+
+def _without_foreground(source: Any, image_id: str) -> bool:
+    """True when the id's image-level label is known and has no foreground class (e.g. a VOC XML without objects)."""
+    try:
+        label = source.label(image_id) if hasattr(source, "label") else None
+    except WSSSError:
+        return False
+    return label is not None and not np.any(np.asarray(label) > 0)
+
+
+def _describe_missing(missing: list[str], total: int, pred_dir: Path, mode: str, domain: str, source: Any) -> str:
+    no_foreground = [i for i in missing if _without_foreground(source, i)] if source is not None else []
+    others = [i for i in missing if i not in set(no_foreground)]
+    parts = []
+    if others:
+        parts.append(
+            f"{len(others)} of {total} predictions missing in {pred_dir} (first: {_shown(others)}); "
+            f"run inference for domain {domain} first"
+        )
+    if no_foreground:
+        if mode == "npy":
+            fix = "rerun scripts/cam/inference.py with --exclude_bg_images false to score them as all background"
+        else:
+            fix = "rerun scripts/cam/make_pseudo_masks.py with --fill_missing_as_background true"
+        parts.append(
+            f"{len(no_foreground)} of {total} ids have no prediction in {pred_dir} because their image-level labels "
+            f"have no foreground class (first: {_shown(no_foreground)}), so no file was written for them: {fix}, "
+            "or evaluate a --domain list without them"
+        )
+    return "; ".join(parts)
 
 
 def saliency_paths(ids: Sequence[str], sal_dir: Path) -> None:
@@ -196,13 +231,16 @@ def _score_cams(job: EvalJob, sweep: ThresholdSweep, image_id: str, path: Path, 
         cams, keys = saliency[None], np.array([1], dtype=np.int64)
         gt = np.where(gt == IGNORE_INDEX, IGNORE_INDEX, np.minimum(gt, 1)).astype(np.uint8)
     else:
-        cam_file = artifacts.load_cam(path, allow_pickle=job.allow_pickle, with_cam=False)
-        _check_size(path, "hr_cam", cam_file.size, gt, job.source, image_id)
+        mask = job.source.mask_path(image_id) if hasattr(job.source, "mask_path") else image_id
+        cam_file = artifacts.load_cam(
+            path,
+            allow_pickle=job.allow_pickle,
+            with_cam=False,
+            size=gt.shape,
+            num_classes=job.num_classes - 1,
+            size_of=f"the ground truth {mask}",
+        )
         cams, keys = cam_file.hr_cam, cam_file.keys
-        if keys.size and keys.max() >= job.num_classes:
-            raise WSSSError(
-                f"{path} has class keys {keys.tolist()} beyond the {job.num_classes - 1} classes of --dataset"
-            )
     bg = None
     if job.sal_dir is not None:
         sal_path = job.sal_dir / f"{image_id}{artifacts.PNG_SUFFIX}"
@@ -301,7 +339,7 @@ def evaluate_predictions(
     sal_dir = Path(sal_dir) if sal_dir is not None and mode == "npy" else None
     if mode == "png" or sal_dir is not None:
         thresholds = (None,)
-    paths = prediction_paths(ids, pred_dir, mode, allow_pickle, getattr(source, "domain", "?"))
+    paths = prediction_paths(ids, pred_dir, mode, allow_pickle, getattr(source, "domain", "?"), source)
     if sal_dir is not None:
         saliency_paths(ids, sal_dir)
     class_names = list(SALIENCY_CLASSES) if mode == "saliency" else list(source.classes)

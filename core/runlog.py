@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import write_json
+from core.artifacts import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,30 @@ class MetricsWriter:
         line = json.dumps(_json_safe(dict(record)), sort_keys=False)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+    def drop_after(self, step: int) -> int:
+        """Remove the records of steps after ``step`` (a resumed run replays them) and any torn last line.
+
+        Called when a run resumes from a checkpoint taken at ``step``: the rows the killed run logged after that
+        checkpoint would otherwise appear twice. Returns the number of lines removed.
+        """
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None  # a line cut short by the kill
+            if record is None or (isinstance(record.get("step"), int) and record["step"] > step):
+                dropped += bool(line.strip())
+                continue
+            kept.append(line)
+        if dropped:
+            with atomic_write(self.path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            logger.info("%s: dropped %d line(s) logged after the checkpoint of step %d", self.path, dropped, step)
+        return dropped
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import checkpoint, distributed, manifest, paths, runlog
+from core import artifacts, checkpoint, distributed, manifest, paths, runlog
 from core.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,18 @@ def _remove_stale_state(run_dir: Path, last_path: Path) -> None:
             stale.unlink()
 
 
+def _remove_stale_temp_files(run_dir: Path, final_path: Path) -> None:
+    # A job killed inside atomic_write leaves its .<name>.tmp-* file; the final weights' folder is shared with
+    # other tags, so there only this run's names (<tag>.pth and a companion such as <tag>-oc.pth) are cleaned.
+    artifacts.remove_stale_temp_files(run_dir)
+    stem, suffix = final_path.stem, final_path.suffix
+
+    def ours(name: str) -> bool:
+        return name == final_path.name or (name.startswith(f"{stem}-") and name.endswith(suffix))
+
+    artifacts.remove_stale_temp_files(final_path.parent, ours)
+
+
 def setup(
     args: argparse.Namespace,
     stage: str,
@@ -173,6 +185,7 @@ def setup(
     set_deterministic(bool(getattr(args, "deterministic", False)))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(run_dir, final_path)
         if not resume:
             _remove_stale_state(run_dir, last_path)
     distributed.barrier()
@@ -319,6 +332,7 @@ def stage_run(
         seed_everything(int(getattr(args, "seed", 0) or 0) + info.rank)
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            artifacts.remove_stale_temp_files(out_dir)  # leftovers of killed writes
         distributed.barrier()
         runlog.setup_logging(out_dir, info.rank)
         started = manifest.utc_now()

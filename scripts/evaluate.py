@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core import cli, manifest, paths, runtime
-from core.artifacts import write_json
+from core.artifacts import check_writable, write_json
 from core.datasets import source_from_args
 from core.errors import WSSSError
 from core.evaluation import MODES, PRED_IGNORE_POLICIES, evaluate_predictions, format_report, threshold_range
@@ -60,9 +60,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="png mode: a predicted 255 counts as a miss (default), as background, or is excluded",
     )
     group = parser.add_argument_group("thresholds")
-    cli.add_arg(group, "--threshold", type=float, default=None, help="one background threshold instead of a sweep")
-    cli.add_arg(group, "--min_th", type=float, default=0.05, help="first threshold of the sweep (default 0.05)")
-    cli.add_arg(group, "--max_th", type=float, default=0.80, help="last threshold, inclusive (default 0.80)")
+    cli.add_arg(
+        group, "--threshold", type=cli.unit_float, default=None, help="one background threshold instead of a sweep"
+    )
+    cli.add_arg(
+        group, "--min_th", type=cli.unit_float, default=0.05, help="first threshold of the sweep (default 0.05)"
+    )
+    cli.add_arg(group, "--max_th", type=cli.unit_float, default=0.80, help="last threshold, inclusive (default 0.80)")
     cli.add_arg(group, "--step_th", type=float, default=0.05, help="sweep step (default 0.05: 16 thresholds)")
     group = parser.add_argument_group("crf")
     cli.add_arg(group, "--crf_t", type=int, default=0, help="dense-CRF iterations on each prediction (0 = off)")
@@ -86,7 +90,14 @@ def resolve_pred_dir(args: argparse.Namespace) -> Path:
     return paths.named_predictions_dir(args.experiment_name, args.pred_dir)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """What can be checked before any file is read: the --json destination must be writable."""
+    if args.json:
+        check_writable(args.json, "--json")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_flags(args)
     pred_dir = resolve_pred_dir(args)
     source = source_from_args(args)
     thresholds = (

@@ -223,7 +223,7 @@ def test_user_errors_are_one_line_and_exit_2(work, synthetic_voc, capsys):
 
     checkpoint.save_weights(paths.final_weights_path("five"), Classifier("resnet18", 5).state_dict())
     err = error_of(flags(synthetic_voc, "--weights", "five"))
-    assert "5-class resnet18-like classifier" in err and "20-class resnet18 classifier" in err
+    assert "5-class resnet18-like classifier" in err and "dataset has 20 foreground classes" in err
 
     root = custom_copy(synthetic_voc, work / "unlabelled", "{0},dog\n{1},cat\n")  # the third id has no label
     err = error_of(flags(root, "--dataset", "custom", domain="three"))

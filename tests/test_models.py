@@ -287,7 +287,7 @@ def test_wrong_class_count_names_both(tmp_path) -> None:
     message = str(error.value)
     assert "\n" not in message and str(path) in message
     assert "21-class resnet18-like classifier (layers 2,2,2,2)" in message
-    assert "20-class resnet18 classifier" in message and "--num_classes" in message
+    assert "dataset has 20 foreground classes" in message and "--dataset" in message and "--weights" in message
 
     # strict=False keeps the backbone and leaves the mismatching head as it was
     head = model.classifier.weight.clone()

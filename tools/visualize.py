@@ -23,7 +23,15 @@ import cv2
 import numpy as np
 
 from core import cli
-from core.artifacts import CAM_SUFFIX, LEGACY_CAM_SUFFIX, PNG_SUFFIX, atomic_write, load_cam, load_label_map
+from core.artifacts import (
+    CAM_SUFFIX,
+    LEGACY_CAM_SUFFIX,
+    PNG_SUFFIX,
+    atomic_write,
+    check_writable,
+    load_cam,
+    load_label_map,
+)
 from core.datasets import source_from_args
 from core.errors import WSSSError
 from core.labels import IGNORE_INDEX, cams_to_label_map
@@ -46,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(group, "--num", type=int, default=8, help="number of first ids of --domain when --ids is not given")
     cli.add_arg(group, "--cam_dir", type=str, default=None, help="folder of <id>.npz CAM files")
     cli.add_arg(group, "--mask_dir", type=str, default=None, help="folder of <id>.png pseudo masks (optional)")
-    cli.add_arg(group, "--threshold", type=float, default=0.25, help="background threshold without --mask_dir")
+    cli.add_arg(group, "--threshold", type=cli.unit_float, default=0.25, help="background threshold without --mask_dir")
     cli.add_bool_arg(group, "--per_class", False, "add one CAM overlay column per class of the image")
     cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
     group = parser.add_argument_group("output")
@@ -132,10 +140,15 @@ def image_row(args: argparse.Namespace, source: Any, image_id: str, class_column
     cams = None
     if args.cam_dir:
         path = find_cam_file(Path(args.cam_dir), image_id)
-        cams = load_cam(path, allow_pickle=args.allow_pickle, with_cam=False) if path is not None else None
-        if cams is not None and cams.size != image.shape[:2]:
-            raise WSSSError(
-                f"{path} is {cams.size} but image {image_id} is {image.shape[:2]}; wrong --cam_dir or --domain"
+        cams = None
+        if path is not None:
+            cams = load_cam(
+                path,
+                allow_pickle=args.allow_pickle,
+                with_cam=False,
+                size=image.shape[:2],
+                num_classes=source.num_classes,
+                size_of=f"image {image_id}",
             )
         if cams is None:
             cells.append(placeholder(cell, "no CAM file"))
@@ -205,6 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise WSSSError(f"{flag} {folder} does not exist")
     if args.cell_size < 32:
         raise WSSSError(f"--cell_size {args.cell_size} is too small; use at least 32")
+    check_writable(Path(args.out) if args.out else default_out(args), "--out")
     source = source_from_args(args)
     ids = select_ids(args, source)
     class_columns = count_class_columns(args, ids)

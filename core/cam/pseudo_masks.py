@@ -63,12 +63,16 @@ class PseudoMaskJob:
                 raise WSSSError(f"CAM file {self.cam_dir / image_id}.npz not found; run scripts/cam/inference.py first")
             height, width = self.source.read_image(image_id).shape[:2]
             return np.zeros((height, width), dtype=np.uint8)
-        cams = artifacts.load_cam(path, allow_pickle=self.allow_pickle, with_cam=False)
-        if cams.keys.size and cams.keys.max() > self.source.num_classes:
-            raise WSSSError(
-                f"{path} has class keys {cams.keys.tolist()} beyond the {self.source.num_classes} classes "
-                "of --dataset; check --dataset and --pred_dir"
-            )
+        image = self.source.read_image(image_id) if self.crf_t > 0 else None
+        size = image.shape[:2] if image is not None else self.source.image_size(image_id)
+        cams = artifacts.load_cam(
+            path,
+            allow_pickle=self.allow_pickle,
+            with_cam=False,
+            size=size,
+            num_classes=self.source.num_classes,
+            size_of=f"image {image_id}",
+        )
         background: float | np.ndarray = self.threshold
         if self.sal_dir is not None:
             saliency = artifacts.load_saliency(self.sal_dir / f"{image_id}{artifacts.PNG_SUFFIX}")
@@ -78,12 +82,6 @@ class PseudoMaskJob:
                     f"{cams.size}; the folders belong to different images"
                 )
             background = 1.0 - saliency
-        image = self.source.read_image(image_id) if self.crf_t > 0 else None
-        if image is not None and image.shape[:2] != cams.size:
-            raise WSSSError(
-                f"{path} is {cams.size[0]}x{cams.size[1]} but image {image_id} is {image.shape[0]}x{image.shape[1]}; "
-                "the CAMs belong to other images (check --dataset, --domain and --pred_dir)"
-            )
         return pseudo_mask(
             cams.hr_cam,
             cams.keys,

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from core import engine, manifest, runtime
 from core.cam import methods, validation
 from core.cam.occse import LabelSplitter
-from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list
+from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list, positive_int
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform
 from core.engine import TrainContext, ValidateFn, build_loader
@@ -46,9 +47,13 @@ def add_cam_data_args(
         help=f"id list to train on, e.g. train_aug (default {domain_train}; alias --domain)",
     )
     add_arg(group, "--domain_valid", type=str, default=domain_valid, help="id list with GT masks used by --validate")
-    add_arg(group, "--image_size", type=int, default=512, help="training crop and validation size (pixels)")
-    add_arg(group, "--min_image_size", type=int, default=320, help="smallest random longer side before cropping")
-    add_arg(group, "--max_image_size", type=int, default=640, help="largest random longer side before cropping")
+    add_arg(group, "--image_size", type=positive_int, default=512, help="training crop and validation size (pixels)")
+    add_arg(
+        group, "--min_image_size", type=positive_int, default=320, help="smallest random longer side before cropping"
+    )
+    add_arg(
+        group, "--max_image_size", type=positive_int, default=640, help="largest random longer side before cropping"
+    )
     add_arg(group, "--augment", type=str, default="", help="augmentations, e.g. randaugment, colorjitter, clahe")
     not_implemented = "accepted so the reference's commands run; --augment cutmix/mixup is not implemented"
     add_arg(group, "--cutmix_prob", type=float, default=1.0, help=not_implemented)
@@ -147,7 +152,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
     """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
     model = classifier_from_flags(args, num_classes, args.trainable_backbone)
     if args.restore:
-        load_classifier_weights(model, args.restore)
+        load_classifier_weights(model, args.restore, weights_flag="--restore")
     return model
 
 
@@ -226,8 +231,8 @@ def make_validate_fn(
 
 # A method's extra networks: registers them in the context and returns its label splitter (None without an OC).
 AddNetworks = Callable[[TrainContext, argparse.Namespace, int], LabelSplitter | None]
-# What a method writes after training besides the final weights (P-NOC's OC): returns entries for the summary.
-FinishRun = Callable[[TrainContext, argparse.Namespace], dict[str, Any]]
+# The other networks whose final weights belong to the run (P-NOC's OC): name -> path, given the main weights' path.
+AlsoSave = Callable[[argparse.Namespace, Path], dict[str, Path]]
 
 
 def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,7 +259,7 @@ def train_cam_generator(
     method: str,
     script: str | os.PathLike,
     add_networks: AddNetworks | None = None,
-    finish: FinishRun | None = None,
+    also_save: AlsoSave | None = None,
 ) -> dict[str, Any]:
     """The recipe every CAM training script runs: set-up and manifest, data, the generator ``cg`` with its
     optimizer, the method's extra networks, the step of ``method``, validation, :func:`core.engine.fit`.
@@ -264,11 +269,11 @@ def train_cam_generator(
         method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``).
         script: the script's ``__file__`` (recorded in the manifest).
         add_networks: registers the method's other networks (the ordinary classifier), see :data:`AddNetworks`.
-        finish: writes what the method keeps besides the final weights, inside the run (before its manifest is
-            marked complete).
+        also_save: names the other networks' final weights files; :func:`core.engine.fit` writes them before the
+            main ``<tag>.pth``, so that file's existence means the whole set is complete.
 
     Returns:
-        :func:`core.engine.fit`'s summary, plus ``finish``'s entries.
+        :func:`core.engine.fit`'s summary, with ``<name>_path`` for each file of ``also_save``.
     """
     if "oc" in methods.METHOD_PARTS[method]:
         methods.check_oc_pretrained(args)  # fail before any folder is created
@@ -286,7 +291,6 @@ def train_cam_generator(
 
         step_fn = methods.build_step_fn(method, args, splitter, class_weight)
         validate_fn = make_validate_fn(args, valid_loader, list(source.classes[1:]))
-        summary = engine.fit(ctx, train_loader, step_fn, validate_fn)
-        if finish is not None:
-            summary |= finish(ctx, args)
-        return summary
+        extra = also_save(args, run.final_path) if also_save is not None else {}
+        summary = engine.fit(ctx, train_loader, step_fn, validate_fn, also_save=extra)
+        return summary | {f"{name}_path": path for name, path in summary.pop("also_saved", {}).items()}

@@ -273,6 +273,15 @@ class DataSource:
         """Decode the image of ``image_id``: uint8 [H, W, 3] RGB."""
         return decode_image_file(self.image_path(image_id), self.list_path)
 
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of the image of ``image_id`` from its file header (the pixels are not decoded)."""
+        try:
+            with Image.open(self.image_path(image_id)) as image:
+                width, height = image.size  # the stored size: EXIF orientation is ignored, as read_image does
+            return height, width
+        except OSError:
+            return self.read_image(image_id).shape[:2]  # reports a missing or corrupt file in one line
+
     def read_mask(self, image_id: str) -> np.ndarray:
         """Read the mask of ``image_id``: uint8 [H, W], values ``0..C`` and 255 (ignore)."""
         path = self.mask_path(image_id)

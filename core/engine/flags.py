@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from core import distributed
-from core.cli import add_arg, add_bool_arg, float_list, optional_float, optional_int, str2bool
+from core.cli import add_arg, add_bool_arg, optional_float, optional_int, positive_int, str2bool, unit_float_list
 
 DEFAULT_THRESHOLDS = [round(0.10 + 0.05 * i, 2) for i in range(8)]  # 0.10, 0.15, ..., 0.45 (SPEC §4.1)
 
@@ -23,7 +23,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     add_arg(
         group, "--batch_size", type=int, default=32, help="GLOBAL batch size (split evenly over torchrun processes)"
     )
-    add_arg(group, "--max_epoch", type=int, default=15, help="number of training epochs")
+    add_arg(group, "--max_epoch", type=positive_int, default=15, help="number of training epochs")
     add_arg(group, "--lr", type=float, default=0.1, help="base learning rate (poly schedule, power 0.9)")
     add_arg(group, "--wd", type=float, default=1e-4, help="weight decay")
     add_arg(
@@ -88,7 +88,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     add_arg(
         group,
         "--validate_thresholds",
-        type=float_list,
+        type=unit_float_list,
         default=list(DEFAULT_THRESHOLDS),
         help="comma-separated background thresholds of the CAM sweep",
     )

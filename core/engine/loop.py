@@ -138,7 +138,11 @@ def _eta(seconds: float) -> str:
 
 
 def fit(
-    ctx: TrainContext, loader: DataLoader, step_fn: StepFn, validate_fn: ValidateFn | None = None
+    ctx: TrainContext,
+    loader: DataLoader,
+    step_fn: StepFn,
+    validate_fn: ValidateFn | None = None,
+    also_save: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Train from the current (possibly resumed) epoch to ``--max_epoch``, then write the final weights.
 
@@ -146,8 +150,14 @@ def fit(
     if given (its dict is logged under ``val/``), and the full state is saved to ``last.pth``. A run
     resumed from ``last.pth`` produces the same weights as an uninterrupted one (same seed, CPU).
 
+    Args:
+        also_save: more networks whose final weights belong to the run, ``{name: path}`` (P-NOC's OC). They are
+            written before the main ``<tag>.pth``, so that file's existence means the whole set is complete; a run
+            killed in between resumes (``--resume true``) straight to writing them.
+
     Returns:
-        The last epoch's ``train/*`` and ``val/*`` metrics plus ``final_path``.
+        The last epoch's ``train/*`` and ``val/*`` metrics, ``final_path`` and, with ``also_save``, ``also_saved``
+        (name -> path).
     """
     if not ctx.members:
         raise ValueError("register at least one network with ctx.add() before fit()")
@@ -170,7 +180,9 @@ def fit(
         ctx.run.metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": ctx.step, **summary})
         ctx.run.wandb.log(summary, step=ctx.step)
         state.save_checkpoint(ctx)
-    return summary | {"final_path": str(write_final_weights(ctx))}
+    also_saved = {name: str(write_final_weights(ctx, name, path)) for name, path in (also_save or {}).items()}
+    summary["final_path"] = str(write_final_weights(ctx))
+    return summary | ({"also_saved": also_saved} if also_saved else {})
 
 
 def write_final_weights(ctx: TrainContext, name: str | None = None, path: str | Path | None = None) -> Path:

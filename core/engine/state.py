@@ -97,6 +97,7 @@ def resume(ctx: TrainContext) -> None:
         return
     load_training_state(ctx, checkpoint.load(ctx.run.checkpoint_path), str(ctx.run.checkpoint_path))
     ctx.resumed = True
+    ctx.run.metrics.drop_after(ctx.step)  # the killed run's rows past the checkpoint are logged again
     logger.info("resumed %s: %d epoch(s) and %d step(s) done", ctx.run.checkpoint_path, ctx.epoch, ctx.step)
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -97,6 +98,11 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WSSSError(f"weights file {path} not found; check the path")
+    if not _looks_like_torch_file(path):
+        raise WSSSError(
+            f"weights file {path} is not a PyTorch file (neither a torch.save zip archive nor a legacy torch pickle: "
+            "corrupt, truncated or of another format); re-create or re-download it"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -108,14 +114,24 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> Any:
                 "state dict, or pass --trust_checkpoint true if you trust its source"
             ) from e
         logger.warning("loading %s with full unpickling (trusted legacy file)", path)
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (torch raises RuntimeError, EOFError, KeyError, ... for damaged files)
         raise WSSSError(
-            f"cannot read weights file {path} ({_first_line(e)}); the file is truncated or not a PyTorch file"
+            f"cannot read weights file {path} ({type(e).__name__}: {_first_line(e)}); the file is truncated or not a "
+            "PyTorch file; re-create or re-download it"
         ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # arbitrary unpickling errors of a legacy file
         raise WSSSError(f"cannot read weights file {path} ({_first_line(e)}); re-create or re-download it") from e
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (torch.save since 1.6, TorchScript) or a pickle of protocol 2-5 (legacy torch.save)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def unwrap_state_dict(obj: Any, source: str = "the state dict") -> dict[str, torch.Tensor]:
@@ -201,6 +217,7 @@ def load_classifier_weights(
     *,
     strict: bool = True,
     trusted: bool = False,
+    weights_flag: str = "--weights",
 ) -> KeyMismatch:
     """Load a classifier checkpoint of any known layout into ``model`` (in place).
 
@@ -209,6 +226,7 @@ def load_classifier_weights(
         source: a file path, or an already loaded checkpoint / state dict.
         strict: require every key and shape to match; when False, load the matching tensors and log the rest.
         trusted: allow full unpickling of legacy files (see :func:`read_checkpoint`).
+        weights_flag: the flag that chose ``source`` (``--weights``, ``--restore``), named in a mismatch message.
 
     Returns:
         The differences that were skipped (all empty when ``strict``).
@@ -227,7 +245,7 @@ def load_classifier_weights(
         logger.info("loaded weights from %s", name)
         return mismatch
     if strict:
-        raise WSSSError(_mismatch_message(name, state_dict, model, mismatch))
+        raise WSSSError(_mismatch_message(name, state_dict, model, mismatch, weights_flag))
     skipped = set(mismatch.wrong_shape)
     loadable = {k: v for k, v in state_dict.items() if k in expected and k not in skipped}
     model.load_state_dict(loadable, strict=False)
@@ -238,14 +256,21 @@ def load_classifier_weights(
 
 
 def _mismatch_message(
-    name: str, state_dict: Mapping[str, torch.Tensor], model: nn.Module, mismatch: KeyMismatch
+    name: str, state_dict: Mapping[str, torch.Tensor], model: nn.Module, mismatch: KeyMismatch, weights_flag: str
 ) -> str:
     held = describe_state_dict(state_dict)
     wanted = _describe_model(model)
+    if not mismatch.missing and not mismatch.unexpected and mismatch.wrong_shape == ["classifier.weight"]:
+        # Same network, another head: the model's class count comes from the dataset, not from a flag of its own.
+        classes = int(model.state_dict()["classifier.weight"].shape[0])
+        return (
+            f"checkpoint {name} holds a {held} but the dataset has {classes} foreground classes; pass the --dataset "
+            f"(or --class_names) the weights were trained on, or {weights_flag} of a model trained on this dataset"
+        )
     if held != describe_state_dict(model.state_dict()):
         return (
-            f"checkpoint {name} holds a {held} but the model is a {wanted}; "
-            "pass the matching --architecture/--num_classes"
+            f"checkpoint {name} holds a {held} but the model is a {wanted}; pass the matching --architecture "
+            f"(and --mode/--dilated), or {weights_flag} of a model of this architecture"
         )
     return f"checkpoint {name} does not fit the {wanted}: {mismatch.summary()}; pass a checkpoint saved from this model"
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import CAM_SUFFIX, cam_path, save_cam
+from core.artifacts import CAM_SUFFIX, cam_path, check_writable, save_cam
 from core.cam import training
 from core.cam.cams import multiscale_cams
 from core.datasets import source_from_args
@@ -39,6 +39,7 @@ from core.models import BACKBONES, load_classifier_weights
 logger = logging.getLogger(__name__)
 
 OOM_HINT = "--resize 512 (or smaller) or fewer --scales"
+MIN_SCALE = 0.1  # smaller scales shrink a typical image below one output-stride cell of the network
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -116,7 +117,7 @@ def weights_path(args: argparse.Namespace) -> Path:
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device, path: Path) -> nn.Module:
     """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode."""
     model = training.classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint)
+    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -129,10 +130,12 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    if not args.scales or min(args.scales) <= 0:
-        raise WSSSError(f"--scales must be positive numbers, got {args.scales}")
+    if not args.scales or min(args.scales) < MIN_SCALE:
+        shown = paths.format_scales(args.scales)
+        raise WSSSError(f"--scales {shown}: every scale must be at least {MIN_SCALE} (e.g. --scales 0.5,1.0,1.5,2.0)")
     if args.resize is not None and args.resize < 16:
         raise WSSSError(f"--resize {args.resize} is too small; use at least 16 pixels, or leave it out")
+    check_writable(output_dir(args), "--pred_dir", folder=True)
 
 
 def make_cam_writer(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import PNG_SUFFIX, pending_ids
+from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
 from core.cam import pseudo_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
@@ -58,11 +58,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "images without a foreground class and without a CAM file get an all-background mask",
     )
     group = parser.add_argument_group("decoding")
-    cli.add_arg(group, "--threshold", type=float, default=0.25, help="background threshold (default 0.25)")
+    cli.add_arg(group, "--threshold", type=cli.unit_float, default=0.25, help="background threshold (default 0.25)")
     cli.add_arg(
         group,
         "--bg_threshold",
-        type=float,
+        type=cli.unit_float,
         default=None,
         help="lower end of an uncertain band: max CAM in (bg_threshold, threshold] -> 255 (default: no band)",
     )
@@ -130,7 +130,9 @@ def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> p
 
 
 def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids: list[str]) -> None:
-    """Every id needs a CAM file (or a background-only fill) and, with ``--sal_dir``, a saliency map."""
+    """Every id needs a CAM file (or a background-only fill), with ``--sal_dir`` a saliency map, and the output
+    folder must be writable."""
+    check_writable(job.out_dir, "--output", folder=True)
     missing = pseudo_masks.missing_cam_files(job, ids)
     if missing:
         hint = "" if args.fill_missing_as_background else (

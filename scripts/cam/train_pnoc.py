@@ -18,7 +18,7 @@ true reproduces the reference for parity experiments.
 Reads:  <data_dir> images and labels of --domain_train (default train_aug); --oc-pretrained weights;
         GT masks of --domain_valid (default train) with --validate true
 Writes: experiments/models/<tag>.pth (generator weights, EMA if --ema true); with --oc-persist true also
-        experiments/models/<tag>-oc.pth;
+        experiments/models/<tag>-oc.pth, written first (<tag>.pth marks both complete);
         experiments/models/<tag>/{last.pth, args.json, log.txt, metrics.jsonl, manifest.json}
 Example:
     torchrun --nproc_per_node=4 scripts/cam/train_pnoc.py --tag pnoc/voc12-rs269-pnoc-b16-lr0.1-ls@rs269-r1 \\
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from core import cli, engine
@@ -70,16 +71,13 @@ def add_adversary(ctx: engine.TrainContext, args: argparse.Namespace, num_classe
     return splitter
 
 
-def persist_adversary(ctx: engine.TrainContext, args: argparse.Namespace) -> dict[str, Any]:
+def oc_weights(args: argparse.Namespace, final_path: Path) -> dict[str, Path]:
     """With ``--oc-persist true``: the trained OC's weights as ``<tag>-oc.pth`` beside the generator's."""
-    if not args.oc_persist:
-        return {}
-    oc_path = engine.write_final_weights(ctx, "oc", methods.oc_weights_path(ctx.run.final_path))
-    return {"oc_path": str(oc_path)}
+    return {"oc": methods.oc_weights_path(final_path)} if args.oc_persist else {}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    return training.train_cam_generator(args, "pnoc", __file__, add_networks=add_adversary, finish=persist_adversary)
+    return training.train_cam_generator(args, "pnoc", __file__, add_networks=add_adversary, also_save=oc_weights)
 
 
 if __name__ == "__main__":
