@@ -1,12 +1,15 @@
-"""Shared fixtures: one small synthetic VOC tree per test session, and a VOC source over it."""
+"""Shared fixtures: one small synthetic VOC tree per test session, a VOC source over it, perfect CAM files."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from core.artifacts import cam_path, save_cam, strided_size
 from core.datasets import DataSource, build_source
 from core.datasets.synthetic import make_synthetic_voc
 
@@ -29,6 +32,23 @@ def synthetic_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def voc_source(synthetic_voc: Path) -> DataSource:
     """``build_source("voc12", synthetic_voc, "train")``."""
     return build_source("voc12", synthetic_voc, "train")
+
+
+def write_perfect_cams(source: DataSource, out_dir: Path, ids=None) -> Path:
+    """One plane per GT class, 1 on the class and 0 elsewhere: a perfect prediction at any threshold in [0, 1)."""
+    for image_id in ids or source.ids:
+        gt = source.read_mask(image_id)
+        keys = np.array([c for c in np.unique(gt) if 0 < c < 255], dtype=np.int64)
+        hr_cam = np.stack([(gt == k).astype(np.float32) for k in keys]) if keys.size else np.zeros((0, *gt.shape))
+        h, w = strided_size(*gt.shape)
+        save_cam(cam_path(out_dir, image_id), keys, hr_cam[:, ::4, ::4][:, :h, :w], hr_cam)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def perfect_cams() -> Callable[..., Path]:
+    """:func:`write_perfect_cams`: ``perfect_cams(source, out_dir, ids=None)`` writes perfect CAM files."""
+    return write_perfect_cams
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from core import artifacts, checkpoint, cli, engine, paths, runlog, runtime
-from core.artifacts import atomic_write, cam_path, load_cam, save_cam, strided_size
+from core.artifacts import atomic_write, cam_path, load_cam, save_cam
 from core.datasets import build_source
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions
@@ -52,16 +52,6 @@ def save_raw_cam(path: Path, keys, hr_cam, cam=None, version: int | None = artif
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **content)
     return path
-
-
-def perfect_cams(source, out_dir: Path, ids=None) -> Path:
-    for image_id in ids or source.ids:
-        gt = source.read_mask(image_id)
-        keys = np.array([c for c in np.unique(gt) if 0 < c < 255], dtype=np.int64)
-        hr_cam = np.stack([(gt == k).astype(np.float32) for k in keys]) if keys.size else np.zeros((0, *gt.shape))
-        h, w = strided_size(*gt.shape)
-        save_cam(cam_path(out_dir, image_id), keys, hr_cam[:, ::4, ::4][:, :h, :w], hr_cam)
-    return out_dir
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -225,7 +215,7 @@ def test_pseudo_mask_thresholds_outside_0_1_are_refused(extra, synthetic_voc, tm
 
 
 @pytest.fixture()
-def few(tmp_path, monkeypatch, synthetic_voc):
+def few(tmp_path, monkeypatch, synthetic_voc, perfect_cams):
     """4 train ids in few.txt, their perfect CAM files in cams/, cwd = tmp_path."""
     monkeypatch.chdir(tmp_path)
     source = build_source("voc12", synthetic_voc, "train")
@@ -484,7 +474,7 @@ def test_cam_file_without_format_version_reads_as_current_with_one_note(tmp_path
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_missing_cam_of_a_background_only_image_says_so(synthetic_voc, tmp_path, capsys):
+def test_missing_cam_of_a_background_only_image_says_so(synthetic_voc, tmp_path, capsys, perfect_cams):
     root = tmp_path / "VOC2012"
     shutil.copytree(synthetic_voc, root)
     source = build_source("voc12", root, "train")

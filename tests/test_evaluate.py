@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,20 +18,9 @@ from core.parallel import WorkerError, chunked, parallel_map
 from scripts import evaluate
 
 
-def _perfect_cams(source, out_dir: Path, ids=None) -> Path:
-    """One plane per GT class, 1 on the class and 0 elsewhere: a perfect prediction at any threshold in [0, 1)."""
-    for image_id in ids or source.ids:
-        gt = source.read_mask(image_id)
-        keys = np.array([c for c in np.unique(gt) if 0 < c < 255], dtype=np.int64)
-        hr_cam = np.stack([(gt == k).astype(np.float32) for k in keys]) if keys.size else np.zeros((0, *gt.shape))
-        h, w = strided_size(*gt.shape)
-        save_cam(cam_path(out_dir, image_id), keys, hr_cam[:, ::4, ::4][:, :h, :w], hr_cam)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def perfect_dir(synthetic_voc, tmp_path_factory):
-    return _perfect_cams(build_source("voc12", synthetic_voc, "train"), tmp_path_factory.mktemp("perfect"))
+def perfect_dir(synthetic_voc, tmp_path_factory, perfect_cams):
+    return perfect_cams(build_source("voc12", synthetic_voc, "train"), tmp_path_factory.mktemp("perfect"))
 
 
 def _flags(data_dir, pred_dir, *extra):
