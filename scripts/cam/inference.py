@@ -34,6 +34,7 @@ from core.datasets.transforms import resize_image
 from core.errors import WSSSError
 from core.labels import foreground_keys
 from core.models import BACKBONES, load_classifier_weights
+from core.precision import ComputeFormat, compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(
         group, "--device", type=str, default="auto", choices=distributed.DEVICES, help="auto = cuda if available"
     )
-    cli.add_bool_arg(group, "--mixed_precision", False, "autocast the forward (CUDA only; ignored on CPU)")
+    cli.add_bool_arg(
+        group,
+        "--mixed_precision",
+        False,
+        "autocast the forward: bf16 where supported (recent GPUs, CPUs with native bf16), fp16 on older GPUs; "
+        "fp32 on a CPU without bf16 (core/precision.py)",
+    )
     cli.add_arg(group, "--num_workers", type=int, default=4, help="image-decoding worker processes per process")
     return parser
 
@@ -111,15 +118,16 @@ def weights_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode."""
+def build_model(
+    args: argparse.Namespace, num_classes: int, device: torch.device, fmt: ComputeFormat | None = None
+) -> nn.Module:
+    """The classifier of the flags with the checkpoint's weights, on ``device``, in eval mode (and ``fmt``'s layout)."""
     path = weights_path(args)
     model = training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint)
     model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    fmt = fmt or compute_format(bool(args.mixed_precision), device)
+    return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -138,7 +146,7 @@ def make_cam_writer(
     args: argparse.Namespace, model: nn.Module, device: torch.device, out_dir: Path
 ) -> Callable[[dict[str, Any]], None]:
     """The per-image step of :func:`core.inference.run_over_images`: CAMs of the GT classes -> ``<id>.npz``."""
-    on_cuda = device.type == "cuda"
+    fmt = compute_format(bool(args.mixed_precision), device)
 
     def write(item: dict[str, Any]) -> None:
         image, height, width = item["image"], *item["image"].shape[:2]
@@ -151,8 +159,9 @@ def make_cam_writer(
                 args.scales,
                 device=device,
                 keys=foreground_keys(item["label"]),
-                mixed_precision=bool(args.mixed_precision) and on_cuda,
-                channels_last=on_cuda,
+                mixed_precision=fmt.amp_dtype is not None,
+                amp_dtype=fmt.amp_dtype,
+                channels_last=fmt.channels_last,
                 output_size=(height, width),
             )
         save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
@@ -174,9 +183,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "image-level labels (unlabelled lists such as VOC test cannot be used)"
             )
         ids, excluded = (with_fg, len(background_only)) if args.exclude_bg_images else (list(labels), 0)
-        if args.mixed_precision and info.device.type != "cuda":
-            logger.info("--mixed_precision is ignored on %s (CAMs are computed in float32)", info.device)
-        model = build_model(args, source.num_classes, info.device)
+        fmt = compute_format(bool(args.mixed_precision), info.device)
+        log_compute_format(fmt, "CAM inference")
+        model = build_model(args, source.num_classes, info.device, fmt)
         logger.info(
             "CAM inference of %s on %d of %d images of %s (%d without foreground excluded), scales %s -> %s",
             args.tag, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
