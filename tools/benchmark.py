@@ -353,6 +353,7 @@ def _rates(images: int, seconds: float, limit_s: float) -> dict[str, float]:
     return {
         "images_per_s": round(images / seconds, 3),
         "step_ms": round(1000 * seconds, 1),
+        "limit_ms": round(1000 * limit_s, 1),  # the limit timed in turn with this method's steps
         "pct_of_limit": round(100 * limit_s / seconds, 1),
     }
 
