@@ -7,6 +7,7 @@ from torch import nn
 
 from core.cam.cams import multiscale_cams, normalize_cams, resize_bicubic
 from core.labels import cams_to_label_map, label_map_with_ignore
+from core.models import Classifier
 
 torch.set_num_threads(2)
 
@@ -199,3 +200,15 @@ def test_label_map_with_ignore_hand_case():
     assert label_map_with_ignore(HAND_CAMS, [3, 7], 0.55, 0.45).tolist() == [[0, 7, 0], [0, 0, 3]]
     with pytest.raises(ValueError):
         label_map_with_ignore(HAND_CAMS, [3, 7], fg_threshold=0.1, bg_threshold=0.2)
+
+
+def test_channels_last_gives_the_same_fp32_cams_as_contiguous():
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 4, backbone_weights="none").eval()
+    image = _image(40, 36, seed=2)
+    _, cam, hr_cam = multiscale_cams(model, image, scales=(1.0, 0.5), device="cpu", keys=[1, 3])
+    model = model.to(memory_format=torch.channels_last)
+    _, cam_cl, hr_cam_cl = multiscale_cams(
+        model, image, scales=(1.0, 0.5), device="cpu", keys=[1, 3], channels_last=True
+    )
+    assert np.abs(cam_cl - cam).max() < 1e-4 and np.abs(hr_cam_cl - hr_cam).max() < 1e-4

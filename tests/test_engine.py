@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from core import checkpoint, engine, runlog, runtime
+from core import checkpoint, engine, precision, runlog, runtime
 from core.ema import ModelEMA
 from core.errors import WSSSError
 from core.optim import PolyLR
+from core.precision import ComputeFormat
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -312,7 +313,8 @@ def test_metrics_lines_are_json_even_for_nan(tmp_path):
 
 def test_fp16_scaler_skips_overflowing_steps_without_advancing_the_schedule(tmp_path, monkeypatch):
     # Exercise the GPU fp16 path on CPU: a GradScaler, clipping of unscaled gradients, and one overflowing step.
-    monkeypatch.setattr(engine.context, "resolve_amp", lambda enabled, device: (torch.float16, True))
+    fp16 = ComputeFormat("cpu", torch.float16, True, False, "test: the fp16 path of older GPUs")
+    monkeypatch.setattr(engine.context, "compute_format", lambda enabled, device, channels_last=None: fp16)
     args = parse(
         "fp16", "--batch_size", "2", "--max_epoch", "1", "--mixed_precision", "true", "--max_grad_norm", "1e-3"
     )
@@ -342,3 +344,51 @@ def test_fp16_scaler_skips_overflowing_steps_without_advancing_the_schedule(tmp_
 def test_torch_threads_marker_overrides_the_module_count():
     # conftest's _torch_threads fixture: the test's own marker wins over the module's torch_threads(1).
     assert torch.get_num_threads() == 3
+
+
+def test_compute_format_rules(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    fast = precision.compute_format(True, "cpu")
+    assert fast.amp_dtype == torch.bfloat16 and fast.channels_last and not fast.needs_scaler
+    assert "bfloat16" in fast.describe() and "channels_last" in fast.describe()
+    plain = precision.compute_format(False, "cpu")
+    assert plain.amp_dtype is None and not plain.channels_last  # fp32 on CPU stays contiguous (reference CAMs)
+    assert precision.compute_format(True, "cpu", channels_last=False).channels_last is False
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    fallback = precision.compute_format(True, "cpu")
+    assert fallback.amp_dtype is None and not fallback.channels_last and "ignored" in fallback.reason
+    assert fallback.needs_scaler is False
+
+
+def _classifier_update(fmt: ComputeFormat) -> torch.Tensor:
+    """Flattened parameter change of one SGD step of a resnet18 classifier on a fixed tiny batch under ``fmt``."""
+    from core.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 4, backbone_weights="none").train()
+    if fmt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    if fmt.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with fmt.autocast():
+        logits = model(images)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+@pytest.mark.skipif(not precision.cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_bf16_cpu_step_moves_the_weights_like_fp32():
+    fp32 = _classifier_update(precision.compute_format(False, "cpu"))
+    bf16_format = precision.compute_format(True, "cpu")
+    assert bf16_format.amp_dtype == torch.bfloat16 and bf16_format.channels_last
+    bf16 = _classifier_update(bf16_format)
+    assert torch.isfinite(bf16).all() and bf16.norm() > 0
+    # bf16 rounds activations and gradients (8-bit mantissa): the same direction, not the same numbers (0.94 here).
+    assert nn.functional.cosine_similarity(bf16, fp32, dim=0) > 0.9

@@ -4,11 +4,17 @@
                (b) the full threshold sweep of core.evaluation, with the same worker count. The sweep should cost
                at most 1.5x the reading (it is one pass over the files).
     train      images/s of one training step of each CAM method (vanilla, puzzle, occse, poc, pnoc) on a random
-               batch, through the training scripts' step code (core.cam.methods); warm-up steps excluded.
-    inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images).
+               batch, through the training scripts' step code (core.cam.methods); warm-up steps excluded. Beside it
+               the limit measured on the spot: one forward + backward of the same network and batch, nothing else
+               (timed alternately with the steps, medians), and the step's share of it (pct_of_limit).
+    inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images), of a whole
+               CAM file (the same plus save_cam), and the limit: the forward passes of the same scales and flips
+               of the same images on prepared batches, nothing else (timed alternately, medians).
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
+The number format and memory layout follow core.precision.compute_format, as in the scripts (--mixed_precision;
+--channels_last true|false overrides the layout).
 Example:
     python tools/benchmark.py evaluate --n 1000 --height 375 --width 500 --classes 3 --workers 8 --thresholds 16
     python tools/benchmark.py train --architecture resnet50 --size 320 --batch_size 8 --steps 5 --device cuda \
@@ -36,7 +42,7 @@ from torch import nn
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
 from core.cam import methods
-from core.cam.cams import multiscale_cams
+from core.cam.cams import imagenet_normalize, multiscale_cams, resize_bicubic
 from core.cam.occse import LabelSplitter
 from core.datasets import VOC_CLASSES, build_source
 from core.distributed import DEVICES, resolve_device
@@ -45,6 +51,7 @@ from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
 from core.models import BACKBONES, Classifier
 from core.parallel import chunked, default_num_workers, parallel_map
+from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
 
 logger = logging.getLogger(__name__)
@@ -171,8 +178,19 @@ def add_model_args(parser: argparse.ArgumentParser, size: int) -> None:
     cli.add_arg(parser, "--architecture", type=str, default="resnet18", choices=list(BACKBONES), help="backbone")
     cli.add_arg(parser, "--size", type=int, default=size, help=f"square input side in pixels (default {size})")
     cli.add_arg(parser, "--device", type=str, default="auto", choices=DEVICES, help="auto = cuda when available")
-    cli.add_bool_arg(parser, "--mixed_precision", False, "autocast (bf16 where supported, else fp16 + GradScaler)")
-    cli.add_bool_arg(parser, "--channels_last", False, "channels-last memory format for the network and inputs")
+    cli.add_bool_arg(
+        parser, "--mixed_precision", False, "autocast as the scripts do (core.precision: bf16 where native, else ...)"
+    )
+    cli.add_arg(
+        parser,
+        "--channels_last",
+        type=cli.str2bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="true|false",
+        help="channels-last memory format (default: core.precision's rule for the device and dtype)",
+    )
     cli.add_arg(parser, "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     cli.add_arg(parser, "--seed", type=int, default=0, help="random seed of weights and data")
 
@@ -213,19 +231,37 @@ def _synchronize(device: torch.device) -> None:
 
 def _timed(fn: Callable[[], Any], repeat: int, warmup: int, device: torch.device) -> float:
     """Seconds per call of ``fn`` over ``repeat`` calls after ``warmup`` untimed ones (GPU work included)."""
+    return _interleaved({"fn": fn}, repeat, warmup, device)["fn"]
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn ``repeat`` times after ``warmup`` untimed rounds.
+
+    Taking turns exposes a measurement and its limit to the same load of a shared machine.
+    """
     for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    _synchronize(device)
-    return (time.perf_counter() - start) / max(1, repeat)
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeat)):
+        for name, fn in fns.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def _inference_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+def _compute(args: argparse.Namespace, device: torch.device) -> ComputeFormat:
+    fmt = compute_format(bool(args.mixed_precision), device, args.channels_last)
+    log_compute_format(fmt, f"benchmark {args.benchmark}")
+    return fmt
+
+
+def _inference_model(args: argparse.Namespace, device: torch.device, fmt: ComputeFormat) -> nn.Module:
     model = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none").to(device).eval()
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+    return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 
 def method_flags(args: argparse.Namespace) -> argparse.Namespace:
@@ -246,8 +282,7 @@ def method_flags(args: argparse.Namespace) -> argparse.Namespace:
 def bench_context(args: argparse.Namespace, flags: argparse.Namespace, device: torch.device) -> TrainContext:
     """A :class:`TrainContext` for one process that writes nothing (no run folder, metrics or W&B)."""
     run = detached_run(flags, device, args.batch_size)
-    ctx = TrainContext(run, steps_per_epoch=args.warmup + args.steps, channels_last=bool(args.channels_last))
-    return ctx
+    return TrainContext(run, steps_per_epoch=args.warmup + args.steps, channels_last=args.channels_last)
 
 
 def build_train_step(
@@ -264,11 +299,7 @@ def build_train_step(
     """
     flags = method_flags(args)
     ctx = bench_context(args, flags, device)
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = {
-        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
-        "label": (torch.rand(args.batch_size, BENCH_CLASSES, generator=generator) < 0.1).float(),
-    }
+    batch = _random_batch(args)
     batch["label"][:, 0] = 1.0  # every image has a class to erase
     cg = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")
     ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
@@ -291,6 +322,42 @@ def build_train_step(
     return step, {name: ctx.module(name) for name in ctx.members}
 
 
+def _random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    return {
+        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
+        "label": (torch.rand(args.batch_size, BENCH_CLASSES, generator=generator) < 0.1).float(),
+    }
+
+
+def build_limit_step(args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """The limit of a training step: one forward + backward of the CAM generator on the same batch, nothing else.
+
+    Same network, batch, number format and memory format as :func:`build_train_step`; no loss terms beyond a sum,
+    no optimizer step.
+    """
+    ctx = bench_context(args, method_flags(args), device)
+    model = ctx.prepare(Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")).train()
+    images = ctx.to_device(_random_batch(args)["image"])
+
+    def forward_backward() -> None:
+        with ctx.autocast():
+            logits = model(images)
+        logits.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return forward_backward
+
+
+def _rates(images: int, seconds: float, limit_s: float) -> dict[str, float]:
+    return {
+        "images_per_s": round(images / seconds, 3),
+        "step_ms": round(1000 * seconds, 1),
+        "limit_ms": round(1000 * limit_s, 1),  # the limit timed in turn with this method's steps
+        "pct_of_limit": round(100 * limit_s / seconds, 1),
+    }
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(args.methods) - set(TRAIN_METHODS))
     if unknown:
@@ -298,12 +365,16 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.size % (2 * 16) and set(args.methods) & {"puzzle", "poc", "pnoc"}:
         raise WSSSError(f"--size {args.size}: Puzzle tiling needs a multiple of 32 (2 tiles x output stride 16)")
     device = _setup_torch(args)
-    methods = {}
+    fmt = _compute(args, device)
+    limit = build_limit_step(args, device)
+    methods, limit_times = {}, []
     for method in args.methods:
         step, _ = build_train_step(method, args, device)
-        seconds = _timed(step, args.steps, args.warmup, device)
-        methods[method] = {"images_per_s": round(args.batch_size / seconds, 3), "step_ms": round(1000 * seconds, 1)}
-        logger.info("%s: %.1f ms per step of %d images", method, 1000 * seconds, args.batch_size)
+        seconds = _interleaved({"step": step, "limit": limit}, args.steps, args.warmup, device)
+        limit_times.append(seconds["limit"])
+        methods[method] = _rates(args.batch_size, seconds["step"], seconds["limit"])
+        logger.info("%s: %.1f ms per step of %d images", method, 1000 * seconds["step"], args.batch_size)
+    limit_s = float(np.median(limit_times))
     return {
         "benchmark": "train",
         "architecture": args.architecture,
@@ -311,39 +382,66 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "device": str(device),
         "mixed_precision": bool(args.mixed_precision),
-        "channels_last": bool(args.channels_last),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "channels_last": fmt.channels_last,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,
         "step_code": "core.cam.methods.build_step_fn",
+        "limit": {
+            "what": "forward + backward of the CAM generator on the same batch",
+            "images_per_s": round(args.batch_size / limit_s, 3),
+            "step_ms": round(1000 * limit_s, 1),
+        },
         "methods": methods,
     }
+
+
+def _scale_batches(image: np.ndarray, scales: list[float], fmt: ComputeFormat, device: torch.device) -> list:
+    """The (image, mirror) batch of every scale, as multiscale_cams feeds them (prepared outside the timing)."""
+    batches = []
+    for scale in scales:
+        single = torch.from_numpy(imagenet_normalize(resize_bicubic(image, scale)))
+        batch = torch.stack([single, single.flip(-1)]).to(device)
+        batches.append(batch.contiguous(memory_format=torch.channels_last) if fmt.channels_last else batch)
+    return batches
 
 
 def run_inference(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.classes <= BENCH_CLASSES:
         raise WSSSError(f"--classes must lie in 1..{BENCH_CLASSES}, got {args.classes}")
     device = _setup_torch(args)
-    model = _inference_model(args, device)
+    fmt = _compute(args, device)
+    model = _inference_model(args, device, fmt)
     rng = np.random.default_rng(args.seed)
-    total = args.warmup + args.images
-    images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(total)]
-    keys = [np.sort(rng.choice(np.arange(1, BENCH_CLASSES + 1), args.classes, replace=False)) for _ in range(total)]
-    position = iter(range(total))
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    keys = np.sort(rng.choice(np.arange(1, BENCH_CLASSES + 1), args.classes, replace=False))
+    batches = _scale_batches(image, args.scales, fmt, device)
 
-    def one_image() -> None:
-        index = next(position)
-        multiscale_cams(
+    def cams() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return multiscale_cams(
             model,
-            images[index],
+            image,
             args.scales,
             device=device,
-            keys=keys[index],
-            mixed_precision=bool(args.mixed_precision),
-            channels_last=bool(args.channels_last),
+            keys=keys,
+            mixed_precision=fmt.amp_dtype is not None,
+            amp_dtype=fmt.amp_dtype,
+            channels_last=fmt.channels_last,
         )
 
-    seconds = _timed(one_image, args.images, args.warmup, device)
+    def forwards() -> None:
+        with torch.inference_mode(), fmt.autocast():
+            for batch in batches:
+                model(batch, with_cam=True)
+
+    with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
+        seconds = _interleaved(
+            {"limit": forwards, "cams": cams, "file": lambda: save_cam(Path(tmp) / "cam.npz", *cams())},
+            args.images,
+            args.warmup,
+            device,
+        )
     return {
         "benchmark": "inference",
         "architecture": args.architecture,
@@ -353,10 +451,20 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
         "classes": args.classes,
         "device": str(device),
         "mixed_precision": bool(args.mixed_precision),
-        "channels_last": bool(args.channels_last),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "channels_last": fmt.channels_last,
         "threads": torch.get_num_threads(),
-        "images_per_s": round(1.0 / seconds, 3),
-        "ms_per_image": round(1000 * seconds, 1),
+        "images_per_s": round(1.0 / seconds["cams"], 3),
+        "ms_per_image": round(1000 * seconds["cams"], 1),
+        "file_images_per_s": round(1.0 / seconds["file"], 3),
+        "file_ms_per_image": round(1000 * seconds["file"], 1),
+        "limit": {
+            "what": "forward passes of the scales and flips of the same image",
+            "images_per_s": round(1.0 / seconds["limit"], 3),
+            "ms_per_image": round(1000 * seconds["limit"], 1),
+        },
+        "pct_of_limit": round(100 * seconds["limit"] / seconds["cams"], 1),
+        "file_pct_of_limit": round(100 * seconds["limit"] / seconds["file"], 1),
     }
 
 

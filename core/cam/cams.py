@@ -57,24 +57,35 @@ def resize_bicubic(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, resample=Image.BICUBIC))
 
 
+def _pair_batch(image: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """The normalised image and its mirror: float32 [2, 3, h, w] on ``device``, channels-last if asked.
+
+    Channels-last is the [h, w, 3] layout normalisation already produces, so that batch is built without the
+    transpose copy; the values are the same either way.
+    """
+    hwc = normalize(image)
+    if channels_last:
+        pair = np.stack([hwc, hwc[:, ::-1]])  # [2, h, w, 3]
+        return torch.from_numpy(pair).to(device).permute(0, 3, 1, 2)
+    single = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    return torch.stack([single, single.flip(-1)]).to(device)
+
+
 def _flip_pair_cams(
     model: nn.Module,
     image: np.ndarray,
     channels: torch.Tensor | None,
     device: torch.device,
-    autocast: bool,
+    amp_dtype: torch.dtype | None,
     channels_last: bool,
 ) -> torch.Tensor:
     """ReLU'd maps of an image plus the un-flipped maps of its mirror: float32 [n, h, w].
 
     ``channels`` (long [n], 0-based) selects classes before any resizing, which is exact because the later bilinear
-    resizing and summing act on each channel separately; None keeps all C channels.
+    resizing and summing act on each channel separately; None keeps all C channels. ``amp_dtype`` None = fp32.
     """
-    single = torch.from_numpy(imagenet_normalize(image))
-    batch = torch.stack([single, single.flip(-1)]).to(device)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, enabled=autocast):
+    batch = _pair_batch(image, device, channels_last)
+    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         _, maps = model(batch, with_cam=True)
     maps = maps.float()
     if channels is not None:
@@ -99,6 +110,7 @@ def multiscale_cams(
     device: torch.device | str,
     keys: Sequence[int] | np.ndarray | None = None,
     mixed_precision: bool = False,
+    amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     output_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,6 +132,8 @@ def multiscale_cams(
         keys: 1-based label-map indices of the classes to keep (channel ``key - 1``), normally the image's
             GT-positive classes; None keeps all C classes.
         mixed_precision: run the forward under autocast.
+        amp_dtype: its dtype (default the device's autocast default: bf16 on CPU, fp16 on CUDA); see
+            :func:`core.precision.compute_format` for the choice the scripts make.
         channels_last: feed the model channels-last tensors.
         output_size: ``(H, W)`` of the original image when ``image`` was pre-resized (the reference's ``--resize``);
             default the size of ``image``.
@@ -139,11 +153,13 @@ def multiscale_cams(
         cam_h, cam_w = strided_size(height, width, CAM_STRIDE)
         return key_array, np.zeros((0, cam_h, cam_w), np.float32), np.zeros((0, height, width), np.float32)
     channels = torch.as_tensor(key_array - 1, device=device) if key_array is not None else None
+    if mixed_precision and amp_dtype is None:
+        amp_dtype = torch.get_autocast_dtype(device.type)
+    dtype = amp_dtype if mixed_precision else None
 
     with torch.inference_mode():
         per_scale = [
-            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, mixed_precision, channels_last)
-            for s in scales
+            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, dtype, channels_last) for s in scales
         ]
         cam = _resize_sum(per_scale, strided_size(height, width, CAM_STRIDE))
         up_h, up_w = strided_size(height, width, UP_STRIDE)

@@ -22,7 +22,6 @@ from core.engine.context import (
     TrainContext,
     ValidateFn,
     build_loader,
-    resolve_amp,
     total_optimizer_steps,
 )
 from core.engine.flags import DEFAULT_THRESHOLDS, add_training_args
@@ -39,7 +38,6 @@ __all__ = [
     "add_training_args",
     "build_loader",
     "fit",
-    "resolve_amp",
     "total_optimizer_steps",
     "train_one_epoch",
     "write_final_weights",

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from core import distributed
 from core.ema import ModelEMA
 from core.errors import WSSSError
+from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import Run
 
 logger = logging.getLogger(__name__)
@@ -36,20 +37,6 @@ class StatefulObject(Protocol):
 def total_optimizer_steps(steps_per_epoch: int, epochs: int, accumulate_steps: int) -> int:
     """``T`` of the poly schedule: optimizer steps in the whole run (accumulation spans epoch ends)."""
     return max(1, epochs * steps_per_epoch // max(1, accumulate_steps))
-
-
-def resolve_amp(enabled: bool, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Choose the autocast dtype and whether a GradScaler is needed.
-
-    Returns:
-        (dtype or None when AMP is off, needs_scaler). bf16 on CPU and on GPUs that support it (no scaler);
-        fp16 with a GradScaler on older GPUs.
-    """
-    if not enabled:
-        return None, False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16, True
-    return torch.bfloat16, False
 
 
 def build_loader(
@@ -115,7 +102,8 @@ class TrainContext:
     Args:
         run: from :func:`core.runtime.setup`.
         steps_per_epoch: batches per epoch on each process (``len(train_loader)``).
-        channels_last: keep networks and image batches channels-last (default: on CUDA only).
+        channels_last: keep networks and image batches channels-last (default: :func:`core.precision.compute_format`
+            decides, i.e. on CUDA, and on CPU with bf16).
     """
 
     def __init__(self, run: Run, steps_per_epoch: int, channels_last: bool | None = None) -> None:
@@ -127,8 +115,10 @@ class TrainContext:
         self.max_epoch = int(args.max_epoch)
         self.accumulate_steps = max(1, int(args.accumulate_steps))
         self.accumulate_mean = bool(args.accumulate_mean)
-        self.amp_dtype, self._needs_scaler = resolve_amp(bool(args.mixed_precision), self.device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        self.compute: ComputeFormat = compute_format(bool(args.mixed_precision), self.device, channels_last)
+        log_compute_format(self.compute, "training")
+        self.amp_dtype = self.compute.amp_dtype
+        self.channels_last = self.compute.channels_last
         self.members: dict[str, Member] = {}
         self.states: dict[str, StatefulObject] = {}
         self.epoch = 0  # finished epochs
@@ -157,7 +147,7 @@ class TrainContext:
         return self.members[name].module
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move a network to the run's device (channels-last on CUDA) without registering it."""
+        """Move a network to the run's device (in the run's memory format) without registering it."""
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
@@ -187,7 +177,8 @@ class TrainContext:
                 module, self.run.dist, sync_bn=sync_bn, find_unused_parameters=find_unused_parameters
             )
             module = distributed.unwrap(wrapped)  # SyncBN conversion returns new BN modules
-        scaler = torch.amp.GradScaler(self.device.type) if (optimizer is not None and self._needs_scaler) else None
+        needs_scaler = optimizer is not None and self.compute.needs_scaler
+        scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
         ema_model = None
         if ema and optimizer is not None:
             warmup = int(self.args.ema_warmup) * self.steps_per_epoch // self.accumulate_steps
@@ -211,7 +202,7 @@ class TrainContext:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Move a batch tensor to the device (images of shape [B, 3, H, W] become channels-last on CUDA)."""
+        """Move a batch tensor to the device (images [B, 3, H, W] become channels-last when the run uses it)."""
         tensor = tensor.to(self.device, non_blocking=True)
         if self.channels_last and tensor.dim() == 4 and tensor.is_floating_point():
             tensor = tensor.contiguous(memory_format=torch.channels_last)

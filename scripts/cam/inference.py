@@ -35,6 +35,7 @@ from core.datasets.transforms import resize_image
 from core.errors import WSSSError
 from core.labels import foreground_keys
 from core.models import BACKBONES, load_classifier_weights
+from core.precision import ComputeFormat, compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(
         group, "--device", type=str, default="auto", choices=distributed.DEVICES, help="auto = cuda if available"
     )
-    cli.add_bool_arg(group, "--mixed_precision", False, "autocast the forward (CUDA only; ignored on CPU)")
+    cli.add_bool_arg(
+        group,
+        "--mixed_precision",
+        False,
+        "autocast the forward: bf16 where supported (recent GPUs, CPUs with native bf16), fp16 on older GPUs; "
+        "fp32 on a CPU without bf16 (core/precision.py)",
+    )
     cli.add_arg(group, "--num_workers", type=int, default=4, help="image-decoding worker processes per process")
     return parser
 
@@ -114,14 +121,15 @@ def weights_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def build_model(args: argparse.Namespace, num_classes: int, device: torch.device, path: Path) -> nn.Module:
-    """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode."""
+def build_model(
+    args: argparse.Namespace, num_classes: int, device: torch.device, path: Path, fmt: ComputeFormat | None = None
+) -> nn.Module:
+    """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode (and ``fmt``'s layout)."""
     model = training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
     model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    fmt = fmt or compute_format(bool(args.mixed_precision), device)
+    return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -139,10 +147,9 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def make_cam_writer(
-    args: argparse.Namespace, model: nn.Module, device: torch.device, out_dir: Path
+    args: argparse.Namespace, model: nn.Module, device: torch.device, out_dir: Path, fmt: ComputeFormat
 ) -> Callable[[dict[str, Any]], None]:
     """The per-image step of :func:`core.inference.run_over_images`: CAMs of the GT classes -> ``<id>.npz``."""
-    on_cuda = device.type == "cuda"
 
     def write(item: dict[str, Any]) -> None:
         image, height, width = item["image"], *item["image"].shape[:2]
@@ -155,8 +162,9 @@ def make_cam_writer(
                 args.scales,
                 device=device,
                 keys=foreground_keys(item["label"]),
-                mixed_precision=bool(args.mixed_precision) and on_cuda,
-                channels_last=on_cuda,
+                mixed_precision=fmt.amp_dtype is not None,
+                amp_dtype=fmt.amp_dtype,
+                channels_last=fmt.channels_last,
                 output_size=(height, width),
             )
         save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
@@ -188,14 +196,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         outputs=out_dir.glob(f"*{CAM_SUFFIX}"),
         device=args.device,
     ) as run:
-        if args.mixed_precision and run.device.type != "cuda":
-            logger.info("--mixed_precision is ignored on %s (CAMs are computed in float32)", run.device)
-        model = build_model(args, source.num_classes, run.device, weights)
+        fmt = compute_format(bool(args.mixed_precision), run.device)
+        log_compute_format(fmt, "CAM inference")
+        model = build_model(args, source.num_classes, run.device, weights, fmt)
         logger.info(
             "CAM inference of %s on %d of %d images of %s (%d without foreground excluded), scales %s -> %s",
             weights, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
         )  # fmt: skip
-        writer = make_cam_writer(args, model, run.device, out_dir)
+        writer = make_cam_writer(args, model, run.device, out_dir, fmt)
         summary = inference.run_over_images(
             source, ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="cams"
         )
