@@ -161,8 +161,8 @@ def build_backbone(
         trainable_stem: False freezes conv1/bn1.
         trainable_backbone: False freezes every backbone parameter (BN kept in eval mode).
         scratch_init: initialisation when ``weights`` is ``"none"`` (ignored otherwise: loaded weights replace
-            it): ``"pytorch"`` resets every layer to PyTorch's default init, as the reference's hand-built ResNets
-            have; ``"torchvision"`` keeps the torchvision/ResNeSt constructors' Kaiming-normal (fan_out) convs.
+            it): ``"torchvision"`` (default) keeps the torchvision/ResNeSt constructors' Kaiming-normal (fan_out)
+            convs; ``"pytorch"`` resets every layer to PyTorch's default init, as the reference's hand-built ResNets.
 
     Raises:
         WSSSError: unknown name or mode, missing/mismatching weights file, ImageNet weights unavailable.

@@ -30,7 +30,8 @@ class Classifier(nn.Module):
         trainable_stem: False freezes conv1/bn1.
         trainable_backbone: False freezes the whole backbone.
         scratch_init: initialisation of a random backbone (``backbone_weights="none"``; see ``build_backbone``):
-            ``"pytorch"`` (default, as the reference) or ``"torchvision"``. The head is always random.
+            ``"torchvision"`` (default) or ``"pytorch"`` (as the reference). The head is Kaiming-normal (fan_in)
+            either way, as in the reference.
 
     Attributes:
         model_kwargs: the constructor arguments needed to rebuild this network before loading its checkpoint
