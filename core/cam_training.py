@@ -81,9 +81,9 @@ def add_classifier_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SCRATCH_INIT,
         choices=SCRATCH_INITS,
         help="init of a random backbone (--backbone_weights none; loaded weights are never touched): torchvision "
-        "(default) = the torchvision/ResNeSt constructors' Kaiming-normal fan_out convs, better and more stable from "
-        "scratch on the synthetic benchmark (README); pytorch = PyTorch's default layer init, as the reference's "
-        "hand-built ResNets",
+        "(default) = the torchvision/ResNeSt constructors' Kaiming-normal fan_out convs, better and more stable at the "
+        "synthetic recipe's lr (README); pytorch = PyTorch's default layer init, as the reference's hand-built "
+        "ResNets (smaller weights: wants a lower lr with AdamW)",
     )
     add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
 
