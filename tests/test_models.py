@@ -393,3 +393,80 @@ def test_imagenet_weights_from_the_cache_or_a_download(tmp_path, monkeypatch) ->
     torch.save(reference.state_dict(), checkpoints / "resnet18-5c106cde.pth")
     _assert_same_tensors(expected, build_backbone("resnet18", weights="imagenet").state_dict())
     assert len(downloads) == 1
+
+
+# ------------------------------------------------------------------------------------------ scratch init
+
+
+def _convs(module: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnest50"])
+def test_scratch_init_pytorch_gives_pytorchs_default_and_torchvision_kaiming_fan_out(name: str) -> None:
+    torch.manual_seed(0)
+    default = build_backbone(name, weights="none")
+    torch.manual_seed(0)
+    old = build_backbone(name, weights="none", scratch_init="torchvision")
+    _assert_same_tensors(old.state_dict(), default.state_dict())  # the default is the constructors' init
+    torch.manual_seed(0)
+    reference = build_backbone(name, weights="none", scratch_init="pytorch")
+    for (key, conv), (_, old_conv) in zip(_convs(reference), _convs(old), strict=True):
+        weight = conv.weight.detach()
+        fan_in = weight[0].numel()  # in_channels / groups * kh * kw
+        fan_out = weight.shape[0] * weight[0, 0].numel()  # out_channels * kh * kw, as torch computes it
+        bound = 1 / fan_in**0.5  # kaiming_uniform_(a=sqrt(5)): U(-bound, bound), std bound / sqrt(3)
+        assert weight.abs().max().item() <= bound, key
+        assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.06), key
+        assert old_conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.06), key
+    for bn in _bn_layers(reference):  # every BN gamma 1 (no zero-init of the last BN of a block), beta 0
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
+    if name == "resnet18":  # layer3.0.conv2 (256 -> 256, 3x3): std 0.0120 (PyTorch) vs 0.0295 (torchvision)
+        assert dict(_convs(reference))["layer3.0.conv2"].weight.std().item() == pytest.approx(0.0120, abs=0.0003)
+        assert dict(_convs(old))["layer3.0.conv2"].weight.std().item() == pytest.approx(0.0295, abs=0.0005)
+    with pytest.raises(WSSSError, match="unknown scratch init 'kaiming'"):
+        build_backbone("resnet18", scratch_init="kaiming")
+
+
+def test_default_scratch_init_is_torchvisions_constructor_unchanged() -> None:
+    torch.manual_seed(7)
+    expected = torchvision.models.resnet18(weights=None).state_dict()
+    torch.manual_seed(7)
+    model = Classifier("resnet18", 8, backbone_weights="none")
+    _assert_same_tensors({k: v for k, v in expected.items() if not k.startswith("fc.")}, model.backbone.state_dict())
+
+
+@pytest.mark.parametrize("scratch_init", ["pytorch", "torchvision"])
+def test_scratch_init_never_touches_loaded_weights(tmp_path, monkeypatch, scratch_init: str) -> None:
+    torch.manual_seed(5)
+    reference = torchvision.models.resnet18(weights=None)
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    _assert_same_tensors(expected, build_backbone("resnet18", weights=path, scratch_init=scratch_init).state_dict())
+    model = Classifier("resnet18", 8, backbone_weights=str(path), scratch_init=scratch_init)
+    _assert_same_tensors(expected, model.backbone.state_dict())
+    # ImageNet weights, from the hub cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-5c106cde.pth")
+    imagenet = build_backbone("resnet18", weights="imagenet", scratch_init=scratch_init)
+    _assert_same_tensors(expected, imagenet.state_dict())
+
+
+def test_scratch_init_flag_default_and_choices() -> None:
+    from core import cam_training
+
+    parser = argparse.ArgumentParser()
+    cam_training.add_classifier_args(parser)
+    args = parser.parse_args(["--architecture", "resnet18", "--backbone_weights", "none"])
+    assert args.scratch_init == "torchvision"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scratch_init", "xavier"])
+    for flag, expected_std in (("pytorch", 1 / (3 * 64 * 9) ** 0.5), ("torchvision", (2 / (64 * 9)) ** 0.5)):
+        torch.manual_seed(0)
+        args = parser.parse_args(["--architecture", "resnet18", "--backbone_weights", "none", "--scratch-init", flag])
+        model = cam_training.classifier_from_flags(args, 8)
+        std = model.backbone.layer1[0].conv1.weight.std().item()  # 64 -> 64, 3x3
+        assert std == pytest.approx(expected_std, rel=0.06)
+        assert "scratch_init" not in model.model_kwargs  # checkpoints supply every weight: not needed to rebuild

@@ -317,6 +317,7 @@ def build_ordinary_classifier(args: argparse.Namespace, num_classes: int, traina
         dilated=False,
         trainable_stem=bool(args.oc_trainable_stem),
         trainable_backbone=bool(args.trainable_backbone),
+        scratch_init=args.scratch_init,  # overwritten by the checkpoint; passed so RNG use follows the flag
     )
     state = normalize_state_dict_keys(unwrap_state_dict(read_checkpoint(path), str(path)))
     try:

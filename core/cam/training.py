@@ -23,6 +23,7 @@ from core.datasets.transforms import build_classification_transform, build_valid
 from core.engine import TrainContext, ValidateFn, build_loader
 from core.errors import WSSSError
 from core.models import BACKBONES, Classifier, load_classifier_weights
+from core.models.initialization import DEFAULT_SCRATCH_INIT, SCRATCH_INITS
 from core.optim import PolyLR, build_optimizer, build_param_groups
 from core.runtime import Run
 
@@ -82,6 +83,17 @@ def add_classifier_args(parser: argparse.ArgumentParser) -> None:
     add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16")
     add_bool_arg(group, "--trainable-stem", True, "train the first convolution and its BatchNorm")
     add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the classifier head)")
+    add_arg(
+        group,
+        "--scratch_init",
+        type=str,
+        default=DEFAULT_SCRATCH_INIT,
+        choices=SCRATCH_INITS,
+        help="init of a random backbone (--backbone_weights none; loaded weights are never touched): torchvision "
+        "(default) = the torchvision/ResNeSt constructors' Kaiming-normal fan_out convs, better and more stable at the "
+        "synthetic recipe's lr (README); pytorch = PyTorch's default layer init, as the reference's hand-built "
+        "ResNets (smaller weights: wants a lower lr with AdamW)",
+    )
     add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
 
 
@@ -136,7 +148,7 @@ def build_valid_loader(args: argparse.Namespace, run: Run) -> torch.utils.data.D
 
 def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_backbone: bool = True) -> Classifier:
     """A CAM classifier of the network flags (``--architecture``, ``--backbone_weights``, ``--mode``, ``--dilated``,
-    ``--trainable-stem``) shared by the training and inference scripts; no checkpoint loaded."""
+    ``--trainable-stem``, ``--scratch_init``) shared by the training and inference scripts; no checkpoint loaded."""
     return Classifier(
         args.architecture,
         num_classes,
@@ -145,6 +157,8 @@ def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_
         dilated=args.dilated,
         trainable_stem=args.trainable_stem,
         trainable_backbone=trainable_backbone,
+        # inference has no --scratch_init: its checkpoint supplies every weight, so any init will do.
+        scratch_init=getattr(args, "scratch_init", DEFAULT_SCRATCH_INIT),
     )
 
 

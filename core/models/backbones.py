@@ -25,6 +25,7 @@ from core.models.compat import (
     read_checkpoint,
     unwrap_state_dict,
 )
+from core.models.initialization import DEFAULT_SCRATCH_INIT, check_scratch_init, reset_to_pytorch_default
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def build_backbone(
     mode: str = "normal",
     trainable_stem: bool = True,
     trainable_backbone: bool = True,
+    scratch_init: str = DEFAULT_SCRATCH_INIT,
 ) -> Backbone:
     """Build a registered backbone.
 
@@ -158,6 +160,9 @@ def build_backbone(
         mode: ``"normal"`` (trainable BN) or ``"fix"`` (BN uses running stats, affine params frozen).
         trainable_stem: False freezes conv1/bn1.
         trainable_backbone: False freezes every backbone parameter (BN kept in eval mode).
+        scratch_init: initialisation when ``weights`` is ``"none"`` (ignored otherwise: loaded weights replace
+            it): ``"torchvision"`` (default) keeps the torchvision/ResNeSt constructors' Kaiming-normal (fan_out)
+            convs; ``"pytorch"`` resets every layer to PyTorch's default init, as the reference's hand-built ResNets.
 
     Raises:
         WSSSError: unknown name or mode, missing/mismatching weights file, ImageNet weights unavailable.
@@ -166,9 +171,12 @@ def build_backbone(
         raise WSSSError(f"unknown architecture {name!r}; choose one of: {', '.join(BACKBONES)}")
     if mode not in MODES:
         raise WSSSError(f"unknown backbone mode {mode!r}; choose one of: {', '.join(MODES)}")
+    check_scratch_init(scratch_init)
     norm_layer = FixedBatchNorm2d if mode == "fix" else nn.BatchNorm2d
     net = BACKBONES[name](norm_layer, dilated)
     backbone = Backbone(net, name, output_stride=8 if dilated else 16, fixed_norm=mode == "fix")
+    if is_random(weights) and scratch_init == "pytorch":
+        reset_to_pytorch_default(backbone)
     load_backbone_weights(backbone, weights)
     if mode == "fix":
         for module in backbone.modules():
@@ -184,7 +192,7 @@ def build_backbone(
 
 def load_backbone_weights(backbone: Backbone, weights: str | os.PathLike | None) -> None:
     """Fill ``backbone`` from ``"none"`` (keep the random init), ``"imagenet"`` or a file (see build_backbone)."""
-    if weights is None or str(weights).lower() == "none":
+    if is_random(weights):
         logger.info("%s: random initialisation (no pretrained weights)", backbone.architecture)
         return
     if str(weights).lower() == "imagenet":
@@ -207,6 +215,11 @@ def load_backbone_weights(backbone: Backbone, weights: str | os.PathLike | None)
         )
     backbone.load_state_dict(state_dict, strict=True)
     logger.info("%s: weights loaded from %s", backbone.architecture, path)
+
+
+def is_random(weights: str | os.PathLike | None) -> bool:
+    """True when ``--backbone_weights`` asks for no pretrained weights (``None`` or ``"none"``)."""
+    return weights is None or str(weights).lower() == "none"
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:

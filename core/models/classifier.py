@@ -11,6 +11,7 @@ from torch import nn
 
 from core.errors import WSSSError
 from core.models.backbones import build_backbone, group_parameters
+from core.models.initialization import DEFAULT_SCRATCH_INIT
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class Classifier(nn.Module):
         dilated: output stride 8 instead of 16.
         trainable_stem: False freezes conv1/bn1.
         trainable_backbone: False freezes the whole backbone.
+        scratch_init: initialisation of a random backbone (``backbone_weights="none"``; see ``build_backbone``):
+            ``"torchvision"`` (default) or ``"pytorch"`` (as the reference). The head is Kaiming-normal (fan_in)
+            either way, as in the reference.
 
     Attributes:
         model_kwargs: the constructor arguments needed to rebuild this network before loading its checkpoint
@@ -44,6 +48,7 @@ class Classifier(nn.Module):
         dilated: bool = False,
         trainable_stem: bool = True,
         trainable_backbone: bool = True,
+        scratch_init: str = DEFAULT_SCRATCH_INIT,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -64,6 +69,7 @@ class Classifier(nn.Module):
             mode=mode,
             trainable_stem=trainable_stem,
             trainable_backbone=trainable_backbone,
+            scratch_init=scratch_init,
         )
         self.classifier = nn.Conv2d(self.backbone.out_channels, int(num_classes), kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
