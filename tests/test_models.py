@@ -455,7 +455,7 @@ def test_scratch_init_never_touches_loaded_weights(tmp_path, monkeypatch, scratc
 
 
 def test_scratch_init_flag_default_and_choices() -> None:
-    from core import cam_training
+    from core.cam import training as cam_training
 
     parser = argparse.ArgumentParser()
     cam_training.add_classifier_args(parser)

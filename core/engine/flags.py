@@ -44,7 +44,11 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         "divide the loss by --accumulate_steps (false = sum gradients, as the reference CAM scripts do)",
     )
     add_bool_arg(
-        group, "--mixed_precision", False, "autocast: bf16 where supported (CPU, recent GPUs), else fp16 + GradScaler"
+        group,
+        "--mixed_precision",
+        False,
+        "autocast: bf16 where native (recent GPUs; CPUs with bf16, channels-last), fp16 + GradScaler on older "
+        "GPUs, fp32 on other CPUs (core/precision.py)",
     )
     add_arg(
         group,
