@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from toy_training import ToyImages, bce_step, parse, toy_model
 
 from core import artifacts, checkpoint, cli, engine, paths, runlog, runtime
 from core.artifacts import atomic_write, cam_path, load_cam, save_cam
@@ -55,46 +55,18 @@ def save_raw_cam(path: Path, keys, hr_cam, cam=None, version: int | None = artif
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# A toy training run (as in test_engine.py)
+# A toy training run (tests/toy_training.py)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class ToyImages(torch.utils.data.Dataset):
-    def __init__(self, n: int = 8) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.images = torch.randn(n, 3, 8, 8, generator=g)
-        self.labels = (torch.rand(n, 2, generator=g) > 0.5).float()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"id": str(index), "image": self.images[index], "label": self.labels[index]}
-
-
-def toy_model() -> nn.Module:
-    torch.manual_seed(7)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-
-
 def toy_args(tag: str, *extra: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    engine.add_training_args(parser)
-    argv = ["--tag", tag, "--num_workers", "0", "--device", "cpu", "--print_ratio", "0.5", "--batch_size", "2"]
-    return parser.parse_args([*argv, *extra])
+    return parse(tag, "--batch_size", "2", *extra)
 
 
-def toy_step(ctx: engine.TrainContext, batch: dict, step: int) -> dict:
-    logits = ctx.models["cg"](ctx.to_device(batch["image"]))
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, ctx.to_device(batch["label"]))
-    ctx.update("cg", loss)
-    return {"loss": loss.item()}
-
-
-def toy_train(models_dir: Path, args: argparse.Namespace, step_fn=toy_step, also_save=None, second=False):
+def toy_train(models_dir: Path, args: argparse.Namespace, step_fn=bce_step, also_save=None, second=False):
     run = runtime.setup(args, "test", models_dir=models_dir)
     try:
-        loader = engine.build_loader(ToyImages(), run, train=True)
+        loader = engine.build_loader(ToyImages(8), run, train=True)
         ctx = engine.TrainContext(run, len(loader))
         for name in ("cg", "oc") if second else ("cg",):
             model = toy_model()
@@ -401,7 +373,7 @@ def test_resume_drops_metrics_rows_of_the_unfinished_epoch(tmp_path):
     def killed_in_epoch_two(ctx, batch, step):
         if step == ctx.steps_per_epoch + 3:  # after the first log line of epoch 2 (4 steps per epoch)
             raise KeyboardInterrupt
-        return toy_step(ctx, batch, step)
+        return bce_step(ctx, batch, step)
 
     with pytest.raises(KeyboardInterrupt):
         toy_train(tmp_path, toy_args("m", "--max_epoch", "2"), killed_in_epoch_two)
