@@ -276,20 +276,6 @@ def cam_path(out_dir: str | os.PathLike, image_id: str) -> Path:
     return Path(out_dir) / f"{image_id}{CAM_SUFFIX}"
 
 
-def _checked_maps(name: str, maps: Any, n: int) -> np.ndarray:
-    """float32 [n, h, w] with values in [0, 1] (tiny overshoots clipped), or ValueError."""
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or maps.shape[0] != n:
-        raise ValueError(f"save_cam: {name} must be [len(keys)={n}, h, w], got shape {maps.shape}")
-    if maps.size:
-        low, high = float(maps.min()), float(maps.max())
-        if not (math.isfinite(low) and math.isfinite(high)) or low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
-            raise ValueError(f"save_cam: {name} values must lie in [0, 1], got [{low}, {high}]")
-        if low < 0 or high > 1:
-            maps = np.clip(maps, 0.0, 1.0)
-    return maps
-
-
 def save_cam(path: str | os.PathLike, keys: Any, cam: Any, hr_cam: Any) -> Path:
     """Write a CAM file atomically (see the module docstring for the layout).
 
@@ -305,17 +291,12 @@ def save_cam(path: str | os.PathLike, keys: Any, cam: Any, hr_cam: Any) -> Path:
     path = Path(path)
     if path.suffix != CAM_SUFFIX:
         raise ValueError(f"save_cam: CAM files end with {CAM_SUFFIX}, got {path}")
-    keys = np.asarray(keys)
-    if keys.ndim != 1 or (keys.size and not np.issubdtype(keys.dtype, np.integer)):
-        raise ValueError(f"save_cam: keys must be a 1-D integer array, got {keys.dtype} {keys.shape}")
-    keys = keys.astype(np.int64)
-    if keys.size and (keys.min() < 1 or len(np.unique(keys)) != len(keys)):
-        raise ValueError(f"save_cam: keys must be distinct foreground indices >= 1 (no background), got {keys}")
-    hr_cam = _checked_maps("hr_cam", hr_cam, len(keys))
-    cam = _checked_maps("cam", cam, len(keys))
-    expected = strided_size(hr_cam.shape[1], hr_cam.shape[2])
-    if cam.shape[1:] != expected:
-        raise ValueError(f"save_cam: cam must be {expected} (ceil of hr_cam size / 4), got {cam.shape[1:]}")
+    maps = CamFile(keys=np.asarray(keys), cam=np.asarray(cam, np.float32), hr_cam=np.asarray(hr_cam, np.float32))
+    try:
+        checked = check_cam(maps, path)  # the readers' contract, checked before anything is written
+    except WSSSError as e:
+        raise ValueError(f"save_cam: {e}") from e
+    keys, cam, hr_cam = checked.keys, checked.cam, checked.hr_cam
     with atomic_write(path) as tmp:
         np.savez(tmp, format_version=np.int64(CAM_FORMAT_VERSION), keys=keys, cam=cam, hr_cam=hr_cam)
     return path
@@ -402,10 +383,10 @@ def check_cam(
         )
     hr_cam, cam = cam_file.hr_cam, cam_file.cam
     if hr_cam.ndim != 3 or hr_cam.shape[0] != len(keys):
-        raise WSSSError(f"{path}: hr_cam {hr_cam.shape} must be [{len(keys)} keys, H, W]; {again}")
+        raise WSSSError(f"{path}: hr_cam {hr_cam.shape} must be [len(keys)={len(keys)}, H, W]; {again}")
     if cam is not None and (cam.ndim != 3 or cam.shape != (len(keys), *strided_size(*hr_cam.shape[1:]))):
         expected = (len(keys), *strided_size(*hr_cam.shape[1:]))
-        raise WSSSError(f"{path}: cam {cam.shape} must be {expected} (hr_cam's size / 4, rounded up); {again}")
+        raise WSSSError(f"{path}: cam {cam.shape} must be {expected} (ceil of hr_cam's size / 4); {again}")
     if size is not None and tuple(hr_cam.shape[1:]) != tuple(size):
         raise WSSSError(
             f"{path}: hr_cam is {hr_cam.shape[1]}x{hr_cam.shape[2]} but {size_of} is {size[0]}x{size[1]}; "
