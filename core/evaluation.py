@@ -27,7 +27,7 @@ import numpy as np
 
 from core import artifacts
 from core.crf import crf_inference_labels, crf_inference_probs, crf_refine_label_map, describe_crf
-from core.errors import WSSSError
+from core.errors import WSSSError, first_ids
 from core.labels import IGNORE_INDEX, compact_labels
 from core.metrics import ThresholdSweep, best_index
 from core.parallel import chunked, parallel_map
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 MODES = ("npy", "png", "saliency")
 PRED_IGNORE_POLICIES = ("miss", "background", "exclude")
 SALIENCY_CLASSES = ("background", "foreground")
-_SHOWN_MISSING = 3
 
 
 def threshold_range(min_th: float, max_th: float, step_th: float) -> list[float]:
@@ -138,10 +137,6 @@ def prediction_paths(
     return paths
 
 
-def _shown(ids: Sequence[str]) -> str:
-    return ", ".join(ids[:_SHOWN_MISSING]) + (", ..." if len(ids) > _SHOWN_MISSING else "")
-
-
 def _without_foreground(source: Any, image_id: str) -> bool:
     """True when the id's image-level label is known and has no foreground class (e.g. a VOC XML without objects)."""
     try:
@@ -157,7 +152,7 @@ def _describe_missing(missing: list[str], total: int, pred_dir: Path, mode: str,
     parts = []
     if others:
         parts.append(
-            f"{len(others)} of {total} predictions missing in {pred_dir} (first: {_shown(others)}); "
+            f"{len(others)} of {total} predictions missing in {pred_dir} (first: {first_ids(others)}); "
             f"run inference for domain {domain} first"
         )
     if no_foreground:
@@ -167,7 +162,7 @@ def _describe_missing(missing: list[str], total: int, pred_dir: Path, mode: str,
             fix = "rerun scripts/cam/make_pseudo_masks.py with --fill_missing_as_background true"
         parts.append(
             f"{len(no_foreground)} of {total} ids have no prediction in {pred_dir} because their image-level labels "
-            f"have no foreground class (first: {_shown(no_foreground)}), so no file was written for them: {fix}, "
+            f"have no foreground class (first: {first_ids(no_foreground)}), so no file was written for them: {fix}, "
             "or evaluate a --domain list without them"
         )
     return "; ".join(parts)
@@ -179,9 +174,9 @@ def saliency_paths(ids: Sequence[str], sal_dir: Path) -> None:
         raise WSSSError(f"saliency folder {sal_dir} does not exist; check --sal_dir")
     missing = [i for i in ids if not (sal_dir / f"{i}{artifacts.PNG_SUFFIX}").is_file()]
     if missing:
-        shown = ", ".join(missing[:_SHOWN_MISSING]) + (", ..." if len(missing) > _SHOWN_MISSING else "")
         raise WSSSError(
-            f"{len(missing)} of {len(ids)} saliency maps missing in {sal_dir} (first: {shown}); make them first"
+            f"{len(missing)} of {len(ids)} saliency maps missing in {sal_dir} (first: {first_ids(missing)}); "
+            "make them first"
         )
 
 

@@ -27,7 +27,6 @@ from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
-_SHOWN_IDS = 3
 
 ItemWriter = Callable[[dict[str, Any]], None]
 

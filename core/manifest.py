@@ -212,7 +212,9 @@ def describe_changes(old: Mapping[str, Any], new: Provenance) -> str:
             changes.append(f"input {name} changed")
     if not changes:
         changes.append("flags added or removed")
-    shown = changes[:_SHOWN_CHANGES] + ([f"{len(changes) - _SHOWN_CHANGES} more"] if len(changes) > 3 else [])
+    shown = changes[:_SHOWN_CHANGES] + (
+        [f"{len(changes) - _SHOWN_CHANGES} more"] if len(changes) > _SHOWN_CHANGES else []
+    )
     return "; ".join(shown)
 
 

@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 
 from core import artifacts
-from core.errors import WSSSError
+from core.errors import WSSSError, first_ids
 from core.labels import pseudo_mask
-
-_SHOWN_IDS = 3
 
 
 @dataclass(frozen=True)
@@ -109,5 +107,4 @@ def missing_cam_files(job: PseudoMaskJob, ids: Sequence[str]) -> list[str]:
 
 def describe_missing(missing: Sequence[str], total: int, folder: Path) -> str:
     """``"3 of 24 CAM files missing in DIR (first: a, b, c, ...)"``."""
-    shown = ", ".join(missing[:_SHOWN_IDS]) + (", ..." if len(missing) > _SHOWN_IDS else "")
-    return f"{len(missing)} of {total} CAM files missing in {folder} (first: {shown})"
+    return f"{len(missing)} of {total} CAM files missing in {folder} (first: {first_ids(missing)})"
