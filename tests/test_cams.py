@@ -151,7 +151,7 @@ def test_multiscale_cams_mixed_precision_is_close(strided_model):
     image = _image(32, 32, seed=1)
     _, _, hr_full = multiscale_cams(strided_model, image, scales=(1.0, 0.5), device="cpu")
     _, _, hr_amp = multiscale_cams(
-        strided_model, image, scales=(1.0, 0.5), device="cpu", mixed_precision=True, channels_last=True
+        strided_model, image, scales=(1.0, 0.5), device="cpu", amp_dtype=torch.bfloat16, channels_last=True
     )
     assert hr_amp.dtype == np.float32
     assert np.abs(hr_amp - hr_full).max() < 0.05

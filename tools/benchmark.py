@@ -425,7 +425,6 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
             args.scales,
             device=device,
             keys=keys,
-            mixed_precision=fmt.amp_dtype is not None,
             amp_dtype=fmt.amp_dtype,
             channels_last=fmt.channels_last,
         )

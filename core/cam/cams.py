@@ -109,7 +109,6 @@ def multiscale_cams(
     *,
     device: torch.device | str,
     keys: Sequence[int] | np.ndarray | None = None,
-    mixed_precision: bool = False,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     output_size: tuple[int, int] | None = None,
@@ -131,9 +130,8 @@ def multiscale_cams(
         device: where to run the model.
         keys: 1-based label-map indices of the classes to keep (channel ``key - 1``), normally the image's
             GT-positive classes; None keeps all C classes.
-        mixed_precision: run the forward under autocast.
-        amp_dtype: its dtype (default the device's autocast default: bf16 on CPU, fp16 on CUDA); see
-            :func:`core.precision.compute_format` for the choice the scripts make.
+        amp_dtype: run the forward under autocast to this dtype (None: fp32); the scripts pass
+            :func:`core.precision.compute_format`'s choice.
         channels_last: feed the model channels-last tensors.
         output_size: ``(H, W)`` of the original image when ``image`` was pre-resized (the reference's ``--resize``);
             default the size of ``image``.
@@ -153,13 +151,10 @@ def multiscale_cams(
         cam_h, cam_w = strided_size(height, width, CAM_STRIDE)
         return key_array, np.zeros((0, cam_h, cam_w), np.float32), np.zeros((0, height, width), np.float32)
     channels = torch.as_tensor(key_array - 1, device=device) if key_array is not None else None
-    if mixed_precision and amp_dtype is None:
-        amp_dtype = torch.get_autocast_dtype(device.type)
-    dtype = amp_dtype if mixed_precision else None
 
     with torch.inference_mode():
         per_scale = [
-            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, dtype, channels_last) for s in scales
+            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, amp_dtype, channels_last) for s in scales
         ]
         cam = _resize_sum(per_scale, strided_size(height, width, CAM_STRIDE))
         up_h, up_w = strided_size(height, width, UP_STRIDE)

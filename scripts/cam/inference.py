@@ -162,7 +162,6 @@ def make_cam_writer(
                 args.scales,
                 device=device,
                 keys=foreground_keys(item["label"]),
-                mixed_precision=fmt.amp_dtype is not None,
                 amp_dtype=fmt.amp_dtype,
                 channels_last=fmt.channels_last,
                 output_size=(height, width),
