@@ -229,11 +229,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], repeat: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``repeat`` calls after ``warmup`` untimed ones (GPU work included)."""
-    return _interleaved({"fn": fn}, repeat, warmup, device)["fn"]
-
-
 def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function, called in turn ``repeat`` times after ``warmup`` untimed rounds.
 

@@ -117,8 +117,6 @@ class TrainContext:
         self.accumulate_mean = bool(args.accumulate_mean)
         self.compute: ComputeFormat = compute_format(bool(args.mixed_precision), self.device, channels_last)
         log_compute_format(self.compute, "training")
-        self.amp_dtype = self.compute.amp_dtype
-        self.channels_last = self.compute.channels_last
         self.members: dict[str, Member] = {}
         self.states: dict[str, StatefulObject] = {}
         self.epoch = 0  # finished epochs
@@ -195,11 +193,19 @@ class TrainContext:
         self.states[name] = obj
 
     # -- per step -----------------------------------------------------------------------------------------------
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the run (None: fp32)."""
+        return self.compute.amp_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether networks and image batches are kept channels-last."""
+        return self.compute.channels_last
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for forward passes and losses: autocast to the AMP dtype, or nothing when AMP is off."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return self.compute.autocast()
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Move a batch tensor to the device (images [B, 3, H, W] become channels-last when the run uses it)."""

@@ -122,13 +122,12 @@ def weights_path(args: argparse.Namespace) -> Path:
 
 
 def build_model(
-    args: argparse.Namespace, num_classes: int, device: torch.device, path: Path, fmt: ComputeFormat | None = None
+    args: argparse.Namespace, num_classes: int, device: torch.device, path: Path, fmt: ComputeFormat
 ) -> nn.Module:
     """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode (and ``fmt``'s layout)."""
     model = training.classifier_from_flags(args, num_classes)
     load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
     model = model.to(device).eval()
-    fmt = fmt or compute_format(bool(args.mixed_precision), device)
     return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 
