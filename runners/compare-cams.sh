@@ -5,6 +5,7 @@
 # or from CG_WEIGHTS when it is set (e.g. a trained classifier standing in for ImageNet weights).
 #
 #   DATASET=synthetic bash runners/compare-cams.sh        # the README's methods table (CPU, from scratch)
+#   DATASET=synthetic bash runners/compare-cams.sh --seeds 3   # or SEEDS=3: each method at seeds 0..2, mean ± sd
 #   DATASET=synthetic EID=cmp-oc TAG_OC=vanilla/synthetic-resnet18-e6-cmp \
 #     CG_WEIGHTS=experiments/models/vanilla/synthetic-resnet18-e6-cmp.pth bash runners/compare-cams.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/compare-cams.sh
@@ -14,11 +15,15 @@ source "$REPO/runners/config/env.sh"
 source "$REPO/runners/config/dataset.sh"
 source "$REPO/runners/config/cam.sh"
 
+if [[ "${1:-}" == --seeds ]]; then SEEDS=${2:?--seeds needs a number}; shift 2; fi
+(( $# == 0 )) || { echo "error: unknown argument $1 (the runner takes --seeds N; everything else is environment)" >&2; exit 2; }
 EID=${EID:-cmp}
+SEEDS=${SEEDS:-1}
+[[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: SEEDS=$SEEDS must be a positive integer" >&2; exit 2; }
 METHODS=${METHODS:-"vanilla puzzle occse poc pnoc"}
 STAGES=${STAGES:-"train inference evaluate"}
-tag_of() { echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID"; }
-TAG_OC=${TAG_OC:-$(tag_of vanilla)}
+# tag_of METHOD SEED: seed 0 keeps the single-seed name, so SEEDS=3 reuses an earlier single-seed run.
+tag_of() { local suffix=""; (( $2 == 0 )) || suffix="-s$2"; echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID$suffix"; }
 
 method_flags() {
   case "$1" in
@@ -33,16 +38,22 @@ method_flags() {
 
 results=()
 for METHOD in $METHODS; do
-  TAG=$(tag_of "$METHOD")
-  if has_stage train && ! done_already "$TAG"; then
-    # shellcheck disable=SC2046  # method_flags prints plain words
-    $LAUNCH "$REPO/scripts/cam/train_$METHOD.py" "${cam_common[@]}" --tag "$TAG" --batch_size "$BATCH_OC" \
-      --backbone_weights "${CG_WEIGHTS:-$BACKBONE_WEIGHTS}" --max_epoch "$EPOCHS" --label_smoothing 0.1 $(method_flags "$METHOD")
-  fi
-  cam_infer_and_evaluate "$TAG" "$DOMAIN_VALID"
-  results+=("$(result_json "$TAG" "$DOMAIN_VALID")")
+  for (( SEED = 0; SEED < SEEDS; SEED++ )); do
+    TAG=$(tag_of "$METHOD" "$SEED")
+    TAG_OC_SEED=${TAG_OC:-$(tag_of vanilla "$SEED")}  # the OC methods play against the vanilla run of their seed
+    if has_stage train && ! done_already "$TAG"; then
+      # shellcheck disable=SC2046  # method_flags prints plain words
+      $LAUNCH "$REPO/scripts/cam/train_$METHOD.py" "${cam_common[@]}" --tag "$TAG" --batch_size "$BATCH_OC" \
+        --backbone_weights "${CG_WEIGHTS:-$BACKBONE_WEIGHTS}" --max_epoch "$EPOCHS" --label_smoothing 0.1 \
+        --seed "$SEED" $(TAG_OC=$TAG_OC_SEED method_flags "$METHOD")
+    fi
+    cam_infer_and_evaluate "$TAG" "$DOMAIN_VALID"
+    results+=("$(result_json "$TAG" "$DOMAIN_VALID")")
+  done
 done
 
 echo
-echo "CAM mIoU of each method on $DATASET/$DOMAIN_VALID ($ARCH, $EPOCHS epochs, init: ${CG_WEIGHTS:-$BACKBONE_WEIGHTS}):"
-$PY "$REPO/tools/summarize_results.py" "${results[@]}"
+echo "CAM mIoU of each method on $DATASET/$DOMAIN_VALID ($ARCH, $EPOCHS epochs, init: ${CG_WEIGHTS:-$BACKBONE_WEIGHTS}," \
+  "$SEEDS seed(s)):"
+over_seeds=false; (( SEEDS == 1 )) || over_seeds=true
+$PY "$REPO/tools/summarize_results.py" --over_seeds "$over_seeds" "${results[@]}"

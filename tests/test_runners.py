@@ -22,13 +22,21 @@ TINY = {
 }  # fmt: skip
 
 
-def run_runner(name: str, work_dir: Path, **env: str) -> subprocess.CompletedProcess:
+def run_runner(name: str, work_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environment = os.environ | TINY | env
     environment |= {"WORK_DIR": str(work_dir), "PY": sys.executable, "LAUNCH": sys.executable}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     return subprocess.run(
-        ["bash", str(REPO / "runners" / name)], env=environment, capture_output=True, text=True, timeout=600
+        ["bash", str(REPO / "runners" / name), *args], env=environment, capture_output=True, text=True, timeout=600
     )
+
+
+def make_tiny_data(data_dir: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_synthetic_voc.py"), "--out", str(data_dir), "--train", "12",
+         "--val", "4", "--aug", "12", "--size", "64", "--classes", "3"],
+        check=True, capture_output=True,
+    )  # fmt: skip
 
 
 def results(work_dir: Path) -> dict[str, dict]:
@@ -57,15 +65,32 @@ def test_demo_chain_trains_infers_scores_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_compare_runner_scores_the_requested_methods(tmp_path):
     data_dir = tmp_path / "VOC2012"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_synthetic_voc.py"), "--out", str(data_dir), "--train", "12",
-         "--val", "4", "--aug", "12", "--size", "64", "--classes", "3"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    make_tiny_data(data_dir)
     done = run_runner("compare-cams.sh", tmp_path, DATASET="synthetic", METHODS="vanilla occse", DATA_DIR=str(data_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(name.split("_")[0] for name in results(tmp_path)) == ["occse", "vanilla"]
     assert "occse_synthetic-resnet18-e1-cmp@train" in done.stdout
+
+
+@pytest.mark.slow
+def test_compare_runner_over_seeds_reports_mean_and_sd(tmp_path):
+    data_dir = tmp_path / "VOC2012"
+    make_tiny_data(data_dir)
+    done = run_runner("compare-cams.sh", tmp_path, "--seeds", "2", DATASET="synthetic", METHODS="vanilla",
+                      DATA_DIR=str(data_dir))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(results(tmp_path)) == ["vanilla_synthetic-resnet18-e1-cmp-s1@train.json",
+                                         "vanilla_synthetic-resnet18-e1-cmp@train.json"]  # fmt: skip
+    seeds = [json.loads(path.read_text())["seed"] for path in (tmp_path / "experiments" / "models").rglob("args.json")]
+    assert sorted(seeds) == [0, 1]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("vanilla_synthetic-resnet18-e1-cmp@train"))
+    assert " 2 " in row and "±" in row  # n = 2, mean ± sd
+
+
+def test_compare_runner_rejects_a_bad_seed_count(tmp_path):
+    failed = run_runner("compare-cams.sh", tmp_path, "--seeds", "0", DATASET="synthetic")
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == "error: SEEDS=0 must be a positive integer"
 
 
 def test_unknown_dataset_is_one_clear_line(tmp_path):
