@@ -476,10 +476,18 @@ def evaluate_predictions(
         pred_dir,
         len(ids),
         left_out=results[best]["left_out"],
-        inputs="CAM files" if paths[0].suffix != artifacts.PNG_SUFFIX else "PNG files",
+        inputs=_describe_inputs(mode, paths[0]),
     )
     saliency = scores.saliency.scores() if scores.saliency is not None else None
     return EvaluationResult(class_names, results, best, scores.sweep.confusion, protocol, saliency)
+
+
+def _describe_inputs(mode: str, first: Path) -> str:
+    if mode == "png":
+        return "label-map PNGs"
+    if first.suffix == artifacts.PNG_SUFFIX:
+        return "saliency PNGs (foreground score = value / 255)"
+    return "CAM files (foreground score = max over their maps)" if mode == "saliency" else "CAM files"
 
 
 def _check_choices(mode: str, pred_ignore: str, eval_mode: str, sal_mode: str) -> None:
@@ -543,7 +551,7 @@ def describe_protocol(
         "domain": domain,
         "num_images": num_images,
         "mode": job.mode,
-        "inputs": inputs if job.mode != "saliency" else f"{inputs} (foreground score = max over their maps)",
+        "inputs": inputs,
         "eval_mode": _describe_eval_mode(job),
         "pred_dir": str(pred_dir),
         "pred_ignore": job.pred_ignore if job.mode == "png" else "n/a",

@@ -20,6 +20,7 @@ from core.labels import IGNORE_INDEX
 from core.metrics import SaliencyScores
 from scripts import evaluate
 from scripts.ccam import inference_crf
+from tools import summarize_results
 
 
 def salient(gt: np.ndarray) -> np.ndarray:
@@ -112,7 +113,7 @@ def test_perfect_saliency_gives_100_iou_for_pngs_and_one_plane_cams(kind, synthe
     protocol = stored["protocol"]
     assert stored["uses_saliency"] and protocol["saliency"].startswith("evaluated")
     assert protocol["eval_mode"].startswith("saliency") and protocol["sal_dir"] is None
-    assert protocol["inputs"].startswith("CAM files" if kind == "cams" else "PNG files")
+    assert protocol["inputs"].startswith("CAM files" if kind == "cams" else "saliency PNGs")
 
 
 def test_saliency_mode_reads_class_cams_as_their_max(voc, perfect_cams, tmp_path):
@@ -314,3 +315,19 @@ def test_saliency_mode_with_crf_and_the_oracle_with_crf(voc, perfect_saliency):
         voc, perfect_saliency / "cams", "saliency", [0.3], crf_t=2, ids=ids, eval_mode="segmentation"
     )
     assert oracle.results[0]["miou"] > 90
+
+
+def test_summary_table_says_whether_saliency_was_used(voc, perfect_cams, perfect_saliency, tmp_path, synthetic_voc):
+
+    cams = perfect_cams(voc, tmp_path / "cams")
+    runs = {
+        "plain": _eval_flags(synthetic_voc, cams, "--threshold", "0.3"),
+        "with_sal": _eval_flags(synthetic_voc, cams, "--sal_dir", str(perfect_saliency / "png")),
+        "sal": _eval_flags(synthetic_voc, perfect_saliency / "png", "--mode", "saliency"),
+    }
+    for name, argv in runs.items():
+        evaluate.main(evaluate.get_args_parser().parse_args(argv + ["--json", str(tmp_path / f"{name}.json")]))
+    rows = [summarize_results.read_result(tmp_path / f"{name}.json") for name in runs]
+    assert [row["saliency"] for row in rows] == ["-", "bg: png", "evaluated"]
+    assert [row["MAE"] for row in rows] == ["-", "-", "0.0000"] and rows[2]["max F"] == "1.0000"
+    assert "saliency" in summarize_results.format_table(rows).splitlines()[0]

@@ -19,7 +19,7 @@ from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("result", "domain", "mode", "threshold", "mIoU", "mIoU fg", "FP", "FN")
+COLUMNS = ("result", "domain", "mode", "saliency", "threshold", "mIoU", "mIoU fg", "FP", "FN", "MAE", "max F")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -42,13 +42,28 @@ def read_result(path: Path) -> dict:
     return {
         "result": path.stem,
         "domain": str(protocol.get("domain", "?")),
-        "mode": str(protocol.get("mode", "?")),
+        "mode": str(protocol.get("mode", "?")) + (" oracle" if "oracle" in str(protocol.get("eval_mode")) else ""),
+        "saliency": saliency_column(data),
         "threshold": "-" if threshold is None else f"{threshold:.2f}",
         "mIoU": f"{data['miou']:.2f}",
         "mIoU fg": f"{data.get('miou_fg', float('nan')):.2f}",
         "FP": f"{data.get('fp', float('nan')):.2f}",
         "FN": f"{data.get('fn', float('nan')):.2f}",
+        "MAE": "-" if data.get("mae") is None else f"{data['mae']:.4f}",
+        "max F": "-" if data.get("max_fbeta") is None else f"{data['max_fbeta']:.4f}",
     }
+
+
+def saliency_column(data: dict) -> str:
+    """Whether a result used saliency: ``-``, ``evaluated`` (the predictions are saliency maps) or ``bg: <folder>``
+    (saliency as the CAMs' background); results written before saliency was recorded read ``?``."""
+    protocol = data.get("protocol", {})
+    if "saliency" not in protocol:
+        return "?"
+    if str(protocol.get("mode")) == "saliency":
+        return "evaluated"
+    sal_dir = protocol.get("sal_dir")
+    return f"bg: {Path(sal_dir).name}" if sal_dir else "-"
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
