@@ -147,6 +147,28 @@ def test_oracle_counts_false_positives_against_a_class(voc, tmp_path):
     assert result.results[0]["iou"]["background"] == 0.0 and result.results[0]["recall"]["aeroplane"] == 100.0
 
 
+class TinySource:
+    """Two 2x2 images: ``a`` has no class, ``b`` has cat (1) and dog (2)."""
+
+    name = domain = "tiny"
+    ids = ["a", "b"]
+    classes = ["background", "cat", "dog"]
+
+    def read_mask(self, image_id):
+        return np.zeros((2, 2), np.uint8) if image_id == "a" else np.array([[0, 1], [2, 2]], np.uint8)
+
+
+def test_oracle_false_positives_in_an_image_without_class_are_misses(tmp_path):
+    for image_id in TinySource.ids:
+        save_saliency(tmp_path / f"{image_id}.png", np.ones((2, 2), np.float32))
+    result = evaluate_predictions(TinySource(), tmp_path, "saliency", [0.5], eval_mode="segmentation")
+    # a: 4 background pixels predicted salient, no class to give them -> counted in no class (background misses).
+    # b: its background pixel takes cat (the lowest class), the rest is right.
+    iou = result.results[0]["iou"]
+    assert iou == {"background": 0.0, "cat": 50.0, "dog": 100.0} and result.results[0]["miou"] == 50.0
+    assert result.results[0]["recall"]["background"] == 0.0 and result.confusion.shape == (1, 3, 4)
+
+
 def test_thresholded_saliency_background_for_cams(voc, perfect_cams, tmp_path, synthetic_voc):
     cams = perfect_cams(voc, tmp_path / "cams")
     for image_id in voc.ids:  # saliency 0.6 on the objects and 0.4 elsewhere
