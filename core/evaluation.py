@@ -208,6 +208,8 @@ def _describe_missing(missing: list[str], total: int, pred_dir: Path, mode: str,
     if no_foreground:
         if mode == "npy":
             fix = "rerun scripts/cam/inference.py with --exclude_bg_images false to score them as all background"
+        elif mode == "saliency":
+            fix = "evaluate the output of scripts/ccam/inference_crf.py, which gives them all-zero masks"
         else:
             fix = "rerun scripts/cam/make_pseudo_masks.py with --fill_missing_as_background true"
         parts.append(

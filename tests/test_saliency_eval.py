@@ -238,10 +238,11 @@ def ccam_setup(synthetic_voc, tmp_path, monkeypatch):
     voc = build_source("voc12", synthetic_voc, "train")
     ids = voc.ids[:5]
     root = tmp_path / "custom"
-    (root / "images").mkdir(parents=True)
-    (root / "lists").mkdir()
+    for folder in ("images", "masks", "lists"):
+        (root / folder).mkdir(parents=True)
     for image_id in ids:
         shutil.copy(synthetic_voc / "JPEGImages" / f"{image_id}.jpg", root / "images")
+        shutil.copy(synthetic_voc / "SegmentationClass" / f"{image_id}.png", root / "masks")
     (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
     (root / "lists" / "five.txt").write_text("\n".join(ids) + "\n")
     rows = [f"{i},{'' if n == 2 else VOC_CLASSES[int(voc.label(i).argmax()) + 1]}" for n, i in enumerate(ids)]
@@ -353,3 +354,17 @@ def test_summary_table_says_whether_saliency_was_used(voc, perfect_cams, perfect
     assert [row["saliency"] for row in rows] == ["-", "bg: png", "evaluated"]
     assert [row["MAE"] for row in rows] == ["-", "-", "0.0000"] and rows[2]["max F"] == "1.0000"
     assert "saliency" in summarize_results.format_table(rows).splitlines()[0]
+
+
+def test_crf_output_is_evaluated_and_a_cam_folder_without_background_only_files_says_what_to_do(ccam_setup, capsys):
+    ids, cams, maps, argv = ccam_setup
+    out = Path(run_crf(argv + ["--threshold", "0.3", "--crf_t", "0"])["out_dir"])
+    data = argv[:6]  # --dataset custom --data_dir ROOT --domain five
+    summary = evaluate.main(
+        evaluate.get_args_parser().parse_args(data + ["--mode", "saliency", "--pred_dir", str(out)])
+    )
+    assert summary["protocol"]["num_images"] == 5 and summary["iou"]["foreground"] > 50
+    err = _cli_error(
+        evaluate.main, evaluate.get_args_parser(), data + ["--mode", "saliency", "--pred_dir", str(cams)], capsys
+    )
+    assert f"1 of 5 ids have no prediction in {cams}" in err and "scripts/ccam/inference_crf.py" in err
