@@ -276,6 +276,15 @@ def cam_path(out_dir: str | os.PathLike, image_id: str) -> Path:
     return Path(out_dir) / f"{image_id}{CAM_SUFFIX}"
 
 
+def find_cam_file(folder: str | os.PathLike, image_id: str) -> Path | None:
+    """``<folder>/<image_id>.npz``, else a legacy ``<image_id>.npy``, else None."""
+    for suffix in (CAM_SUFFIX, LEGACY_CAM_SUFFIX):
+        path = Path(folder) / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
 def save_cam(path: str | os.PathLike, keys: Any, cam: Any, hr_cam: Any) -> Path:
     """Write a CAM file atomically (see the module docstring for the layout).
 
@@ -561,12 +570,39 @@ def save_saliency(path: str | os.PathLike, saliency: np.ndarray) -> Path:
     return Path(path)
 
 
-def load_saliency(path: str | os.PathLike) -> np.ndarray:
-    """Read a saliency PNG as float32 [H, W] in [0, 1] (colour PNGs are averaged over RGB, as EPS reads them)."""
+SALIENCY_KINDS = ("saliency", "segmentation")
+
+
+def load_saliency(path: str | os.PathLike, kind: str = "saliency") -> np.ndarray:
+    """Read a saliency PNG as float32 [H, W] in [0, 1].
+
+    Args:
+        path: the PNG.
+        kind: ``saliency``: an 8-bit grey PNG (mode "L", or bilevel "1"), read as ``value / 255``; ``segmentation``:
+            a single-channel label map ("P" or "L"), read as 1 where the class is 1..254 and 0 on background (0) and
+            ignore (255) (the reference's ``--sal_mode segmentation``).
+
+    Raises:
+        WSSSError: missing or undecodable file, or not a single-channel 8-bit image (e.g. RGB); the message names
+            the file and says how to convert it.
+    """
     path = Path(path)
+    if kind not in SALIENCY_KINDS:
+        raise ValueError(f"load_saliency: kind must be one of {SALIENCY_KINDS}, got {kind!r}")
     image = _read_png(path, "saliency map")
-    if image.mode in ("RGB", "RGBA"):
-        values = np.asarray(image)[..., :3].mean(axis=2, dtype=np.float32)
-    else:
-        values = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
+    if kind == "segmentation":
+        if image.mode not in ("P", "L"):
+            raise WSSSError(
+                f"{path} is a {image.mode} image; read as a segmentation, a saliency map must be a single-channel "
+                "label PNG (P or L)"
+            )
+        labels = np.asarray(image)
+        return ((labels != 0) & (labels != 255)).astype(np.float32)
+    if image.mode not in ("L", "1"):
+        hint = " (a label map: read it with --sal_mode segmentation)" if image.mode == "P" else ""
+        raise WSSSError(
+            f"{path} is a {image.mode} image, but saliency maps must be single-channel 8-bit grey PNGs (mode L, "
+            f"255 = foreground){hint}; convert it, e.g. PIL Image.open(p).convert('L').save(p)"
+        )
+    values = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
     return values / np.float32(255.0)

@@ -36,11 +36,13 @@ def _densecrf() -> tuple[ModuleType, ModuleType]:
 
 
 def _check_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 C-contiguous [H, W, 3] (what DenseCRF2D.addPairwiseBilateral requires)."""
+    """uint8 C-contiguous writable [H, W, 3] (what DenseCRF2D.addPairwiseBilateral requires: its memoryview refuses
+    read-only arrays such as ``np.asarray(PIL image)``)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != (height, width):
         raise ValueError(f"CRF image must be [{height}, {width}, 3] RGB, got shape {image.shape}")
-    return np.ascontiguousarray(image, dtype=np.uint8)
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    return image if image.flags.writeable else image.copy()
 
 
 def _run(

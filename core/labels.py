@@ -110,6 +110,23 @@ def compact_labels(hr_cam: np.ndarray, background: float | np.ndarray) -> np.nda
     return np.where(hr_cam.max(axis=0) > np.asarray(background, dtype=np.float32), winner, 0).astype(np.int64)
 
 
+def saliency_background(saliency: np.ndarray, sal_threshold: float | None = None) -> np.ndarray:
+    """The background score a saliency map gives CAMs (the reference's ``--sal_dir`` rules, USERS §1.14).
+
+    Args:
+        saliency: float [H, W] in [0, 1], 1 = salient.
+        sal_threshold: None: ``1 - s`` (a CAM must beat the non-saliency); a number t: 1 where ``s < t`` (there no
+            CAM can win, ties go to the background) and 0 elsewhere (there any CAM above 0 wins).
+
+    Returns:
+        float32 [H, W] in [0, 1].
+    """
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if sal_threshold is None:
+        return 1.0 - saliency
+    return (saliency < np.float32(sal_threshold)).astype(np.float32)
+
+
 def _labels_after_crf(
     hr_cam: np.ndarray,
     keys: np.ndarray,

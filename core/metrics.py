@@ -381,3 +381,99 @@ def _as_uint8_mask(gt: np.ndarray) -> np.ndarray:
     if gt.size and (gt.min() < 0 or gt.max() > 255):
         raise ValueError(f"ground truth values must lie in 0..255, got [{gt.min()}, {gt.max()}]")
     return gt.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saliency maps: MAE and F-beta
+# --------------------------------------------------------------------------------------------------------------------
+
+SALIENCY_LEVELS = 256
+FBETA_SQUARED = 0.3  # beta^2 of the salient-object-detection literature: precision weighs more than recall
+
+
+class SaliencyScores:
+    """MAE and the F-beta curve of saliency maps against binary ground truth, accumulated image by image.
+
+    The conventions of salient-object detection (as in PoolNet's and EPS's tables), all values in [0, 1]:
+
+    * MAE: per image the mean ``|s - g|`` over its scored pixels (``g`` in {0, 1}), averaged over images;
+    * F-beta: a map is quantised to 256 levels ``round(255 s)``; at level ``k`` (0..255) a pixel is salient when its
+      level is >= k. Per image ``precision_k = TP_k / P_k`` (0 when nothing is predicted) and ``recall_k = TP_k / T``;
+      both are averaged over the images that have salient GT pixels (recall is undefined without them), then
+      ``F_k = (1 + b²) P R / (b² P + R)`` with ``b² = 0.3``; the reported value is ``max_k F_k``.
+
+    Each image costs two ``np.bincount`` over its pixels; worker partials are summed with :meth:`merge`.
+    """
+
+    def __init__(self, beta_squared: float = FBETA_SQUARED) -> None:
+        self.beta_squared = float(beta_squared)
+        self.precision_sum = np.zeros(SALIENCY_LEVELS, dtype=np.float64)
+        self.recall_sum = np.zeros(SALIENCY_LEVELS, dtype=np.float64)
+        self.curve_images = 0  # images with salient GT pixels (the F-beta curve averages over them)
+        self.mae_sum = 0.0
+        self.mae_images = 0  # images with any scored pixel
+
+    def add(self, saliency: np.ndarray, gt: np.ndarray) -> None:
+        """Accumulate one image.
+
+        Args:
+            saliency: float [H, W] in [0, 1], the foreground score.
+            gt: uint8 [H, W]: 0 = background, ``IGNORE_INDEX`` = not scored, any other value = salient.
+        """
+        saliency = np.asarray(saliency, dtype=np.float32)
+        gt = np.asarray(gt)
+        if saliency.shape != gt.shape:
+            raise ValueError(f"saliency {saliency.shape} and gt {gt.shape} differ in shape")
+        valid = gt != IGNORE_INDEX
+        scores = np.clip(saliency[valid], 0.0, 1.0)
+        if scores.size == 0:
+            return
+        salient = gt[valid] != 0
+        self.mae_sum += float(np.abs(scores - salient).mean(dtype=np.float64))
+        self.mae_images += 1
+        total = int(salient.sum())
+        if total == 0:
+            return
+        levels = np.rint(scores * (SALIENCY_LEVELS - 1)).astype(np.intp)
+        # predicted[k] = pixels at level >= k, hits[k] = salient ones among them: reversed cumulative histograms.
+        predicted = np.cumsum(np.bincount(levels, minlength=SALIENCY_LEVELS)[::-1])[::-1]
+        hits = np.cumsum(np.bincount(levels[salient], minlength=SALIENCY_LEVELS)[::-1])[::-1]
+        precision = np.zeros(SALIENCY_LEVELS)
+        np.divide(hits, predicted, out=precision, where=predicted > 0)
+        self.precision_sum += precision
+        self.recall_sum += hits / total
+        self.curve_images += 1
+
+    def merge(self, other: SaliencyScores) -> SaliencyScores:
+        """Add another accumulator's sums (same beta) into this one; returns self."""
+        if other.beta_squared != self.beta_squared:
+            raise ValueError("cannot merge saliency scores with different beta")
+        self.precision_sum += other.precision_sum
+        self.recall_sum += other.recall_sum
+        self.curve_images += other.curve_images
+        self.mae_sum += other.mae_sum
+        self.mae_images += other.mae_images
+        return self
+
+    def scores(self) -> dict[str, Any]:
+        """``mae``, ``max_fbeta``, the level where it is reached (``fbeta_threshold`` = k/255) and its ``precision``
+        and ``recall``, ``beta_squared``, and the image counts; NaN where no image defines the value."""
+        mae = self.mae_sum / self.mae_images if self.mae_images else float("nan")
+        result = {"mae": mae, "beta_squared": self.beta_squared, "images": self.mae_images}
+        result["images_with_foreground"] = self.curve_images
+        if not self.curve_images:
+            nan = float("nan")
+            return {**result, "max_fbeta": nan, "fbeta_threshold": None, "precision": nan, "recall": nan}
+        precision = self.precision_sum / self.curve_images
+        recall = self.recall_sum / self.curve_images
+        denominator = self.beta_squared * precision + recall
+        fbeta = np.zeros(SALIENCY_LEVELS)
+        np.divide((1 + self.beta_squared) * precision * recall, denominator, out=fbeta, where=denominator > 0)
+        best = int(np.argmax(fbeta))
+        return {
+            **result,
+            "max_fbeta": float(fbeta[best]),
+            "fbeta_threshold": best / (SALIENCY_LEVELS - 1),
+            "precision": float(precision[best]),
+            "recall": float(recall[best]),
+        }

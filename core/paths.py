@@ -83,6 +83,17 @@ def predictions_dir(tag: str, domain: str, scales: Sequence[float], root: str | 
     return Path(root) / f"{check_tag(tag)}@{domain_name(domain)}@scale={format_scales(scales)}"
 
 
+def derived_dir(folder: str | Path, *settings: str) -> Path:
+    """``<folder>@<setting>@...`` next to ``folder``: a stage's output made from a predictions folder, with the
+    settings that decide it in its name (the reference's ``<experiment_name>@t=0.2@crf=10``), e.g.
+    ``derived_dir("p/ccamh@train@scale=1.0", "t=0.2", "crf=10")`` -> ``p/ccamh@train@scale=1.0@t=0.2@crf=10``.
+    """
+    folder = Path(folder)
+    if not folder.name:
+        raise WSSSError(f"cannot name an output next to {folder}; give the predictions folder itself")
+    return folder.with_name("@".join([folder.name, *settings]))
+
+
 def named_predictions_dir(experiment_name: str | None, pred_dir: str | None, what: str = "predictions") -> Path:
     """``pred_dir`` if given, else ``experiments/predictions/<experiment_name>``; WSSSError when neither is."""
     if pred_dir:

@@ -216,9 +216,16 @@ def test_saliency_round_trip(tmp_path):
     assert np.abs(loaded - saliency).max() <= 0.5 / 255 + 1e-7  # one 8-bit rounding step
     as_uint8 = np.array([[0, 7, 255]], dtype=np.uint8)
     np.testing.assert_array_equal(load_saliency(save_saliency(tmp_path / "u.png", as_uint8)) * 255, as_uint8)
-    rgb = np.stack([np.full((2, 2), v, np.uint8) for v in (30, 60, 90)], axis=2)  # EPS reads RGB as the mean
+    rgb = np.stack([np.full((2, 2), v, np.uint8) for v in (30, 60, 90)], axis=2)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    np.testing.assert_allclose(load_saliency(tmp_path / "rgb.png"), 60 / 255, rtol=1e-6)
+    with pytest.raises(WSSSError, match=r"rgb.png is a RGB image.*single-channel") as info:
+        load_saliency(tmp_path / "rgb.png")
+    assert "\n" not in str(info.value)
+    labels = np.array([[0, 3, 255]], dtype=np.uint8)  # the reference's --sal_mode segmentation: classes 1..254
+    save_label_map(tmp_path / "labels.png", labels)
+    np.testing.assert_array_equal(load_saliency(tmp_path / "labels.png", kind="segmentation"), [[0, 1, 0]])
+    with pytest.raises(WSSSError, match="--sal_mode segmentation"):
+        load_saliency(tmp_path / "labels.png")
     with pytest.raises(ValueError):
         save_saliency(tmp_path / "bad.png", saliency * 2)
 

@@ -56,6 +56,14 @@ def test_probability_crf_snaps_a_blurred_map_to_the_edges():
     assert before < 0.85 and after > 0.95  # about 0.79 -> 1.0
 
 
+def test_read_only_images_are_accepted():
+    # np.asarray(PIL image) is read-only; pydensecrf's memoryview refuses such buffers unless the image is copied.
+    image, truth = _scene()
+    image.flags.writeable = False
+    refined = crf_inference_labels(image, truth, n_labels=2, t=2, gt_prob=0.7)
+    assert _iou(refined, truth) > 0.95
+
+
 def test_refine_label_map_keeps_the_class_ids():
     image, truth = _scene()
     rng = np.random.default_rng(2)

@@ -45,8 +45,8 @@ def test_markdown_table_over_seeds(tmp_path):
     args = summarize_results.get_args_parser().parse_args([*map(str, paths), "--over_seeds", "--markdown", str(out)])
     summarize_results.main(args)
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("| result | domain | mode | n | mIoU")
-    assert "| a-x@train | train | npy | 2 | 41.00 ± 1.41 |" in lines[2]
+    assert lines[0].startswith("| result | domain | mode | saliency | n | mIoU")
+    assert "| a-x@train | train | npy | ? | 2 | 41.00 ± 1.41 |" in lines[2]
 
 
 def test_a_missing_result_file_is_one_line(tmp_path):

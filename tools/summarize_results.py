@@ -25,8 +25,8 @@ from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("result", "domain", "mode", "threshold", "mIoU", "mIoU fg", "FP", "FN")
-SEED_COLUMNS = ("result", "domain", "mode", "n", "mIoU", "mIoU fg", "FP", "FN")
+COLUMNS = ("result", "domain", "mode", "saliency", "threshold", "mIoU", "mIoU fg", "FP", "FN", "MAE", "max F")
+SEED_COLUMNS = ("result", "domain", "mode", "saliency", "n", "mIoU", "mIoU fg", "FP", "FN")
 SEED_SUFFIX = re.compile(r"-s\d+(?=@|$)")
 SCORES = {"mIoU": "miou", "mIoU fg": "miou_fg", "FP": "fp", "FN": "fn"}
 
@@ -58,13 +58,28 @@ def read_result(path: Path) -> dict:
     return {
         "result": path.stem,
         "domain": str(protocol.get("domain", "?")),
-        "mode": str(protocol.get("mode", "?")),
+        "mode": str(protocol.get("mode", "?")) + (" oracle" if "oracle" in str(protocol.get("eval_mode")) else ""),
+        "saliency": saliency_column(data),
         "threshold": "-" if threshold is None else f"{threshold:.2f}",
         "mIoU": f"{data['miou']:.2f}",
         "mIoU fg": f"{data.get('miou_fg', float('nan')):.2f}",
         "FP": f"{data.get('fp', float('nan')):.2f}",
         "FN": f"{data.get('fn', float('nan')):.2f}",
+        "MAE": "-" if data.get("mae") is None else f"{data['mae']:.4f}",
+        "max F": "-" if data.get("max_fbeta") is None else f"{data['max_fbeta']:.4f}",
     }
+
+
+def saliency_column(data: dict) -> str:
+    """Whether a result used saliency: ``-``, ``evaluated`` (the predictions are saliency maps) or ``bg: <folder>``
+    (saliency as the CAMs' background); results written before saliency was recorded read ``?``."""
+    protocol = data.get("protocol", {})
+    if "saliency" not in protocol:
+        return "?"
+    if str(protocol.get("mode")) == "saliency":
+        return "evaluated"
+    sal_dir = protocol.get("sal_dir")
+    return f"bg: {Path(sal_dir).name}" if sal_dir else "-"
 
 
 def run_name(path: Path) -> str:
@@ -87,7 +102,7 @@ def seed_rows(paths: list[Path]) -> list[dict]:
     for name, results in runs.items():
         protocol = results[0].get("protocol", {})
         row = {"result": name, "domain": str(protocol.get("domain", "?")), "mode": str(protocol.get("mode", "?"))}
-        row["n"] = str(len(results))
+        row |= {"saliency": saliency_column(results[0]), "n": str(len(results))}
         for column, key in SCORES.items():
             row[column] = _mean_sd([float(result.get(key, float("nan"))) for result in results])
         rows.append(row)

@@ -47,11 +47,7 @@ class PseudoMaskJob:
 
     def cam_file(self, image_id: str) -> Path | None:
         """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
-        for suffix in (artifacts.CAM_SUFFIX, artifacts.LEGACY_CAM_SUFFIX):
-            path = self.cam_dir / f"{image_id}{suffix}"
-            if path.is_file():
-                return path
-        return None
+        return artifacts.find_cam_file(self.cam_dir, image_id)
 
     def label_map(self, image_id: str) -> np.ndarray:
         """The pseudo mask of one id: uint8 [H, W], values in {0..C, 255}."""
