@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,8 @@ from scripts.cam import cluster_subcategories, extract_features, train_subcatego
 from scripts.cam import inference as cam_inference
 
 pytestmark = pytest.mark.torch_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = "6"  # the learning test's epochs
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -200,3 +205,33 @@ def test_teacher_of_another_class_count_is_one_line_before_any_folder(synthetic_
         "trained on this dataset (scripts/cam/train_vanilla.py)"
     )
     assert not (tmp_path / "experiments" / "models" / "sc").exists()
+
+
+# -- learning -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_sc_round_learns_its_sub_categories(synthetic_voc, tmp_path, monkeypatch):
+    """Round 0 = an untrained network: its features, k-means (K 3), then one SC-CAM round from scratch whose parent
+    and sub-category losses must both fall clearly (CAM mIoU needs far longer runs: see the report/README)."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data_dir", str(synthetic_voc), "--device", "cpu", "--num_workers", "0"]
+    save_random_classifier("round0")
+    features = run_script(extract_features, ["--tag", "round0", "--architecture", "resnet18", *data])
+    clusters = run_script(
+        cluster_subcategories,
+        ["--tag", "round0", "--features", features["features_path"], "--n_clusters", "3", *data[:2]],
+    )
+    argv = train_flags(
+        synthetic_voc, "round1", "--subcategories", clusters["subcategories_path"], "--max_epoch", EPOCHS
+    )
+    run_script(train_subcategory, [*argv, "--batch_size", "12", "--optimizer", "adamw", "--lr", "0.001"])
+    records = [json.loads(line) for line in Path("experiments/models/round1/metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    first, last = epochs[0], epochs[-1]
+    assert last["train/sub_loss"] < 0.6 * first["train/sub_loss"], (first, last)
+    assert last["train/c_loss"] < 0.8 * first["train/c_loss"], (first, last)
+
+
+def test_runner_refuses_an_unknown_method_in_one_line(tmp_path):
+    env = os.environ | {"WORK_DIR": str(tmp_path), "METHOD": "scx", "DATASET": "synthetic", "NGPU": "1"}
+    done = subprocess.run(["bash", str(REPO / "runners" / "sc-cam.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == "error: unknown METHOD=scx (choose sc or sct)"
