@@ -71,6 +71,16 @@ def test_n_clusters_above_a_class_image_count_is_clamped_with_the_class_named(ca
     assert not any(r.message.startswith("cat") for r in caplog.records)
 
 
+def test_id_check_names_missing_and_foreign_ids_and_lets_training_use_a_subset():
+    with pytest.raises(
+        WSSSError, match=r"^f does not match the dataset: 1 of the domain's 2 ids missing \(e\.g\. b\), "
+    ):
+        subcategory.check_same_ids(["a", "z"], ["a", "b"], "f", "fix it")
+    subcategory.check_same_ids(["a", "b", "c"], ["a", "b"], "f", "fix it", allow_extra=True)  # train_aug -> train
+    with pytest.raises(WSSSError, match="1 ids not in the domain"):
+        subcategory.check_same_ids(["a", "b", "c"], ["a", "b"], "f", "fix it")
+
+
 # -- loss and model -------------------------------------------------------------------------------------------------
 def test_two_head_loss_with_zero_weight_is_the_vanilla_loss():
     torch.manual_seed(0)

@@ -157,10 +157,16 @@ def _read_npz(path: str | os.PathLike, keys: Sequence[str], writer: str) -> dict
         raise WSSSError(f"cannot read {path} ({e}); rerun {writer}") from e
 
 
-def check_same_ids(file_ids: Sequence[str], domain_ids: Sequence[str], what: str, fix: str) -> None:
-    """One-line WSSSError when a file's ids are not those of the dataset's domain (another dataset or domain)."""
+def check_same_ids(
+    file_ids: Sequence[str], domain_ids: Sequence[str], what: str, fix: str, allow_extra: bool = False
+) -> None:
+    """One-line WSSSError when a file's ids are not those of the dataset's domain (another dataset or domain).
+
+    Args:
+        allow_extra: accept a file that covers the domain and more (sub-labels of train_aug to train on train).
+    """
     missing = sorted(set(domain_ids) - set(file_ids))
-    extra = sorted(set(file_ids) - set(domain_ids))
+    extra = [] if allow_extra else sorted(set(file_ids) - set(domain_ids))
     if missing or extra:
         found = f"{len(missing)} of the domain's {len(set(domain_ids))} ids missing"
         if missing:

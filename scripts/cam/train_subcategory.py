@@ -12,7 +12,7 @@ saved weights load as a plain classifier (the sub-category head is dropped), so 
 takes them unchanged. Each SC-CAM round trains from the initial weights again (``--backbone_weights``), not from
 the previous round's model; runners/sc-cam.sh chains the rounds.
 
-Reads:  <data_dir> images and labels of --domain_train; --subcategories (its ids must be those of --domain_train);
+Reads:  <data_dir> images and labels of --domain_train; --subcategories (its ids must cover --domain_train);
         --teacher_weights with --knowledge_distillation true; GT masks of --domain_valid with --validate true
 Writes: experiments/models/<tag>.pth (both heads); experiments/models/<tag>/{last.pth, args.json, log.txt,
         metrics.jsonl, manifest.json}
@@ -56,6 +56,7 @@ def read_sub_labels(args: argparse.Namespace, source: DataSource) -> SubLabels:
         source.ids,
         f"--subcategories {path} (clustered on {data.dataset} {data.domain})",
         f"cluster the features of --domain_train {args.domain} (scripts/cam/cluster_subcategories.py)",
+        allow_extra=True,
     )
     if data.num_subclasses == 0:
         raise WSSSError(f"--subcategories {path} has no sub-class; cluster a domain with labels")
