@@ -117,6 +117,10 @@ def test_registry_names_and_unknown_backbone() -> None:
         "resnest101",
         "resnest200",
         "resnest269",
+        "vit_base_patch16_224",
+        "vit_small_patch16_224",
+        "vit_tiny_patch16_224",
+        "test_vit",
     }
     assert set(BACKBONES) == expected
     with pytest.raises(WSSSError, match="unknown architecture 'resnet51'.*resnet50.*resnest269"):

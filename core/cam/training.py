@@ -247,6 +247,10 @@ def make_validate_fn(
 AddNetworks = Callable[[TrainContext, argparse.Namespace, int], LabelSplitter | None]
 # The other networks whose final weights belong to the run (P-NOC's OC): name -> path, given the main weights' path.
 AlsoSave = Callable[[argparse.Namespace, Path], dict[str, Path]]
+# A method's own generator network (SC-CAM's two-head classifier), given the flags and the class count.
+BuildNetwork = Callable[[argparse.Namespace, int], Classifier]
+# A method's own step function (SC-CAM), given the flags, the label splitter and the class weights.
+BuildStep = Callable[[argparse.Namespace, LabelSplitter | None, torch.Tensor | None], engine.StepFn]
 
 
 def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +260,8 @@ def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
         "restore": getattr(args, "restore", None),
         "oc_pretrained": getattr(args, "oc_pretrained", None),
         "backbone_weights": getattr(args, "backbone_weights", None),
+        "subcategories": getattr(args, "subcategories", None),
+        "teacher_weights": getattr(args, "teacher_weights", None),
     }
     return {name: manifest.file_fingerprint(path) for name, path in files.items() if path and os.path.isfile(path)}
 
@@ -274,22 +280,28 @@ def train_cam_generator(
     script: str | os.PathLike,
     add_networks: AddNetworks | None = None,
     also_save: AlsoSave | None = None,
+    build_network: BuildNetwork | None = None,
+    build_step: BuildStep | None = None,
 ) -> dict[str, Any]:
     """The recipe every CAM training script runs: set-up and manifest, data, the generator ``cg`` with its
     optimizer, the method's extra networks, the step of ``method``, validation, :func:`core.engine.fit`.
 
     Args:
         args: the script's flags.
-        method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``).
+        method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``),
+            or the name of a method that passes ``build_step`` (``subcategory``).
         script: the script's ``__file__`` (recorded in the manifest).
         add_networks: registers the method's other networks (the ordinary classifier), see :data:`AddNetworks`.
         also_save: names the other networks' final weights files; :func:`core.engine.fit` writes them before the
             main ``<tag>.pth``, so that file's existence means the whole set is complete.
+        build_network: builds the generator instead of :func:`build_classifier` (SC-CAM's two heads).
+        build_step: builds the step instead of :func:`core.cam.methods.build_step_fn` (``method`` then only names
+            the run; SC-CAM).
 
     Returns:
         :func:`core.engine.fit`'s summary, with ``<name>_path`` for each file of ``also_save``.
     """
-    if "oc" in methods.METHOD_PARTS[method]:
+    if "oc" in methods.METHOD_PARTS.get(method, ()):
         methods.check_oc_pretrained(args)  # fail before any folder is created
     with runtime.training_run(
         args, "cam", script, inputs=starting_weights(args), context=runtime.data_context(args)
@@ -299,11 +311,15 @@ def train_cam_generator(
         class_weight = parse_class_weight(args.class_weight, source.num_classes, run.device)
 
         ctx = engine.TrainContext(run, steps_per_epoch=len(train_loader))
-        add_trained_classifier(ctx, "cg", build_classifier(args, source.num_classes), args)
+        network = (build_network or build_classifier)(args, source.num_classes)
+        add_trained_classifier(ctx, "cg", network, args)
         splitter = add_networks(ctx, args, source.num_classes) if add_networks is not None else None
         log_run_plan(ctx, args)
 
-        step_fn = methods.build_step_fn(method, args, splitter, class_weight)
+        if build_step is not None:
+            step_fn = build_step(args, splitter, class_weight)
+        else:
+            step_fn = methods.build_step_fn(method, args, splitter, class_weight)
         validate_fn = make_validate_fn(args, valid_loader, list(source.classes[1:]))
         extra = also_save(args, run.final_path) if also_save is not None else {}
         summary = engine.fit(ctx, train_loader, step_fn, validate_fn, also_save=extra)

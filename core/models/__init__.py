@@ -22,7 +22,7 @@ from core.models.backbones import (
     imagenet_state_dict,
     register_backbone,
 )
-from core.models.classifier import Classifier
+from core.models.classifier import Classifier, SubcategoryClassifier
 from core.models.compat import (
     describe_state_dict,
     load_classifier_weights,
@@ -57,6 +57,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 register_model("classifier")(Classifier)
+register_model("subcategory_classifier")(SubcategoryClassifier)
 
 __all__ = [
     "BACKBONES",
@@ -64,6 +65,7 @@ __all__ = [
     "Backbone",
     "Classifier",
     "FixedBatchNorm2d",
+    "SubcategoryClassifier",
     "build_backbone",
     "build_model",
     "describe_state_dict",

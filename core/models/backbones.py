@@ -152,7 +152,7 @@ def build_backbone(
     """Build a registered backbone.
 
     Args:
-        name: a key of :data:`BACKBONES`.
+        name: a key of :data:`BACKBONES` (a ViT name returns a :class:`core.models.vit.ViTBackbone`).
         weights: ``"none"`` (random init), ``"imagenet"`` (torch hub cache, downloaded if missing) or the path
             of a ``.pth`` holding a torchvision/ResNeSt state dict (``fc.*`` ignored; ``{"state_dict"|"model": ...}``
             wrappers and ``backbone.``-prefixed classifier checkpoints accepted).
@@ -172,6 +172,12 @@ def build_backbone(
     if mode not in MODES:
         raise WSSSError(f"unknown backbone mode {mode!r}; choose one of: {', '.join(MODES)}")
     check_scratch_init(scratch_init)
+    if name in VIT_ARCHITECTURES:
+        from core.models.vit import build_vit_backbone
+
+        return build_vit_backbone(  # LayerNorm only: --mode and --scratch_init do not apply
+            name, weights=weights, dilated=dilated, trainable_stem=trainable_stem, trainable_backbone=trainable_backbone
+        )
     norm_layer = FixedBatchNorm2d if mode == "fix" else nn.BatchNorm2d
     net = BACKBONES[name](norm_layer, dilated)
     backbone = Backbone(net, name, output_stride=8 if dilated else 16, fixed_norm=mode == "fix")
@@ -328,6 +334,18 @@ def _register_family(names: Iterable[str], builder: Callable[[str, type[nn.Batch
 
 _register_family(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"), _torchvision_resnet)
 _register_family(("resnest50", "resnest101", "resnest200", "resnest269"), _resnest)
+
+
+def _vit(name: str, norm_layer: type[nn.BatchNorm2d], dilated: bool) -> nn.Module:
+    from core.models.vit import build_vit_backbone  # timm is imported only when a ViT is asked for
+
+    return build_vit_backbone(name, dilated=dilated)
+
+
+# timm Vision Transformers (core/models/vit.py): build_backbone hands them to build_vit_backbone whole, since they
+# have no ResNet stages to wrap; test_vit is timm's 0.3 M-parameter ViT for tests.
+VIT_ARCHITECTURES = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "test_vit")
+_register_family(VIT_ARCHITECTURES, _vit)
 
 
 def group_parameters(pretrained: Iterable[nn.Module], scratch: Iterable[nn.Module]) -> dict[str, list[nn.Parameter]]:

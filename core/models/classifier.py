@@ -97,3 +97,45 @@ class Classifier(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by LR group: backbone = pretrained, ``classifier`` = scratch (see group_parameters)."""
         return group_parameters(pretrained=[self.backbone], scratch=[self.classifier])
+
+
+class SubcategoryClassifier(Classifier):
+    """SC-CAM's classifier: the CAM classifier plus a bias-free 1x1 sub-category head on the same features.
+
+    State-dict keys: :class:`Classifier`'s plus ``sub_classifier.weight`` ``[S, D, 1, 1]``. The sub-category head
+    only trains (the CAMs come from ``classifier``), so :func:`core.models.load_classifier_weights` drops it when
+    a plain :class:`Classifier` loads these weights (CAM inference, ``--restore``).
+
+    Args:
+        num_subclasses: S, the number of sub-categories over all parent classes.
+        architecture, num_classes, **kwargs: as :class:`Classifier`.
+    """
+
+    def __init__(self, architecture: str, num_classes: int = 20, *, num_subclasses: int, **kwargs: Any) -> None:
+        super().__init__(architecture, num_classes, **kwargs)
+        if int(num_subclasses) < 1:
+            raise WSSSError(f"the sub-category head needs at least 1 sub-class, got {num_subclasses}")
+        self.model_kwargs["num_subclasses"] = int(num_subclasses)
+        self.sub_classifier = nn.Conv2d(self.backbone.out_channels, int(num_subclasses), kernel_size=1, bias=False)
+        nn.init.kaiming_normal_(self.sub_classifier.weight)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, with_cam: bool = False, with_sub: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """As :meth:`Classifier.forward`; ``with_sub`` also returns the sub-category logits float [B, S].
+
+        Returns:
+            logits; (logits, cams) with ``with_cam``; (logits, sub_logits) with ``with_sub``;
+            (logits, sub_logits, cams) with both.
+        """
+        if not with_sub:
+            return super().forward(x, with_cam)
+        features = self.backbone(x)[-1]
+        cams = self.classifier(features)
+        sub_logits = self.sub_classifier(features).mean(dim=(2, 3))
+        logits = cams.mean(dim=(2, 3))
+        return (logits, sub_logits, cams) if with_cam else (logits, sub_logits)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """As :meth:`Classifier.param_groups`, with the sub-category head among the scratch parameters."""
+        return group_parameters(pretrained=[self.backbone], scratch=[self.classifier, self.sub_classifier])

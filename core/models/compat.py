@@ -43,6 +43,9 @@ KNOWN_DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
 }
 
 _WRAPPER_KEYS = ("state_dict", "model")
+# Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head): the
+# CAMs come from ``classifier.weight``, so inference and --restore take the two-head weights as they are.
+AUXILIARY_HEADS = ("sub_classifier.",)
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
 _STAGE_TO_NATIVE = (
     (re.compile(r"^stage1\.0\."), "backbone.conv1."),
@@ -221,6 +224,9 @@ def load_classifier_weights(
 ) -> KeyMismatch:
     """Load a classifier checkpoint of any known layout into ``model`` (in place).
 
+    Training-only heads (:data:`AUXILIARY_HEADS`) the model lacks are dropped, so a two-head SC-CAM checkpoint
+    loads into a plain classifier.
+
     Args:
         model: a :class:`core.models.Classifier` (any module with the current key layout works).
         source: a file path, or an already loaded checkpoint / state dict.
@@ -239,6 +245,10 @@ def load_classifier_weights(
     raw = read_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
     state_dict = normalize_state_dict_keys(unwrap_state_dict(raw, name))
     expected = model.state_dict()
+    auxiliary = [k for k in state_dict if k.startswith(AUXILIARY_HEADS) and k not in expected]
+    if auxiliary:
+        logger.info("%s: training-only head %s not used by this model", name, ", ".join(auxiliary))
+        state_dict = {k: v for k, v in state_dict.items() if k not in auxiliary}
     mismatch = compare_state_dicts(expected, state_dict)
     if mismatch.is_empty():
         model.load_state_dict(state_dict, strict=True)
