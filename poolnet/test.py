@@ -79,10 +79,12 @@ def weights_path(args: argparse.Namespace) -> Path:
         raise WSSSError("no PoolNet weights given; pass --tag TAG (experiments/models/TAG.pth) or --weights PATH")
     path = paths.weights_path(name)
     if not path.is_file():
-        raise WSSSError(
-            f"PoolNet weights {path} not found; train them first (python poolnet/train.py --tag {name} ...) "
-            "or pass --weights TAG_OR_PTH"
+        hint = (
+            "check --weights (--model)"
+            if str(name).endswith(paths.WEIGHTS_SUFFIX)
+            else (f"train them first (python poolnet/train.py --tag {name} ...) or pass --weights TAG_OR_PTH")
         )
+        raise WSSSError(f"PoolNet weights {path} not found; {hint}")
     return path
 
 
