@@ -14,7 +14,7 @@ from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "momentum", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adamw", "adam")
 GROUP_NAMES = ("pretrained_weights", "pretrained_biases", "scratch_weights", "scratch_biases")
 
 
@@ -71,7 +71,8 @@ def build_optimizer(
 
     Args:
         name: ``sgd`` (momentum 0, the reference CAM/C²AM/RW default), ``momentum`` (SGD with ``momentum`` and
-            ``nesterov``, the reference segmentation setting) or ``adamw``.
+            ``nesterov``, the reference segmentation setting), ``adamw``, or ``adam`` (Adam with the group's weight
+            decay added to the gradient, i.e. L2 as in PyTorch's Adam: PoolNet's optimizer).
 
     Raises:
         WSSSError: unknown optimizer name.
@@ -82,6 +83,8 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=groups[0]["lr"])
     raise WSSSError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
 

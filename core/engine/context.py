@@ -40,12 +40,18 @@ def total_optimizer_steps(steps_per_epoch: int, epochs: int, accumulate_steps: i
 
 
 def build_loader(
-    dataset: Dataset, run: Run, train: bool, num_workers: int | None = None, batch_size: int | None = None
+    dataset: Dataset,
+    run: Run,
+    train: bool,
+    num_workers: int | None = None,
+    batch_size: int | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """A per-process DataLoader.
 
     Training: shuffled by a sampler seeded with ``(--seed, epoch)`` (``fit`` sets the epoch), last partial batch
     dropped. Evaluation: this rank's shard ``ids[rank::world]`` in order, every sample exactly once.
+    ``collate_fn`` replaces the default stacking (e.g. padding images of different sizes).
     """
     workers = run.args.num_workers if num_workers is None else num_workers
     local_batch = run.local_batch_size if batch_size is None else batch_size
@@ -53,7 +59,13 @@ def build_loader(
     if train:
         sampler = distributed.build_sampler(dataset, run.dist, shuffle=True, seed=int(run.args.seed))
         loader = DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True
+            dataset,
+            batch_size=local_batch,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=True,
+            collate_fn=collate_fn,
         )
         if len(loader) == 0:
             raise WSSSError(
@@ -69,6 +81,7 @@ def build_loader(
         num_workers=workers,
         pin_memory=pin,
         drop_last=False,
+        collate_fn=collate_fn,
     )
 
 

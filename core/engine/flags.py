@@ -7,6 +7,7 @@ from typing import Any
 
 from core import distributed
 from core.cli import add_arg, add_bool_arg, optional_float, optional_int, positive_int, str2bool, unit_float_list
+from core.optim import OPTIMIZERS
 
 DEFAULT_THRESHOLDS = [round(0.10 + 0.05 * i, 2) for i in range(8)]  # 0.10, 0.15, ..., 0.45 (SPEC §4.1)
 
@@ -31,8 +32,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         "--optimizer",
         type=str,
         default="sgd",
-        choices=("sgd", "momentum", "adamw"),
-        help="sgd = SGD without momentum (reference default); momentum = SGD 0.9 Nesterov; adamw",
+        choices=OPTIMIZERS,
+        help="sgd = SGD without momentum (reference default); momentum = SGD 0.9 Nesterov; adamw; adam (L2 decay, "
+        "PoolNet's)",
     )
     add_arg(group, "--lr_alpha_scratch", type=float, default=10.0, help="LR multiplier of scratch (head) weights")
     add_arg(group, "--lr_alpha_bias", type=float, default=2.0, help="LR multiplier of biases")
