@@ -108,7 +108,13 @@ def add_ccam_args(parser: argparse.ArgumentParser, hints: bool) -> argparse._Arg
         "intends, since a fresh head next to a pretrained backbone needs the larger steps; reference: what the "
         "reference code effectively does (head at x1, no BatchNorm affine parameter trained), for parity runs",
     )
-    add_arg(group, "--polarity_images", type=positive_int, default=64, help="images of the polarity check")
+    add_arg(
+        group,
+        "--polarity_images",
+        type=positive_int,
+        default=64,
+        help="images of the polarity check after the first epoch (unsupervised C²AM only: hints fix the polarity)",
+    )
     if hints:
         add_arg(group, "--cams_dir", type=str, default=None, help="CAM folder of --domain (scripts/cam/inference.py)")
         add_bool_arg(group, "--allow_pickle", False, "also read legacy pickled .npy CAM files (only trusted ones)")
@@ -336,13 +342,15 @@ def build_valid_loader(args: argparse.Namespace, run: Any) -> DataLoader | None:
     return build_loader(SegmentationDataset(source, build_validation_transform(args.image_size)), run, train=False)
 
 
-def make_epoch_end_fn(args: argparse.Namespace, polarity: DataLoader, valid: DataLoader | None) -> engine.ValidateFn:
-    """After the first epoch: the polarity decision (stored in the weights); every epoch with ``--validate``: the
-    fg/bg IoU sweep."""
+def make_epoch_end_fn(
+    args: argparse.Namespace, polarity: DataLoader | None, valid: DataLoader | None
+) -> engine.ValidateFn:
+    """After the first epoch, given a ``polarity`` loader: the polarity decision (stored in the weights); every epoch
+    with ``--validate``: the fg/bg IoU sweep."""
 
     def at_epoch_end(ctx: TrainContext, epoch: int) -> dict[str, Any]:
         results: dict[str, Any] = {}
-        if epoch == 0:
+        if epoch == 0 and polarity is not None:
             inverted = decide_polarity(ctx.module("ccam"), polarity, ctx.device, args.polarity_images, ctx.autocast)
             if ctx.final_module("ccam") is not ctx.module("ccam"):
                 ctx.final_module("ccam").set_inverted(inverted)
@@ -429,9 +437,9 @@ def train_ccam(args: argparse.Namespace, script: str | os.PathLike, hints: bool)
             ctx.total_optimizer_steps, args.batch_size * ctx.accumulate_steps, run.local_batch_size,
             ctx.accumulate_steps, run.dist.world_size,
         )  # fmt: skip
-        at_epoch_end = make_epoch_end_fn(
-            args,
-            polarity_loader(source, args.image_size, args.polarity_images, run, run.local_batch_size),
-            build_valid_loader(args, run),
+        # Hints pull the hinted pixels up, which fixes the orientation: only the unsupervised map can come out inverted.
+        polarity = (
+            None if hints else polarity_loader(source, args.image_size, args.polarity_images, run, run.local_batch_size)
         )
+        at_epoch_end = make_epoch_end_fn(args, polarity, build_valid_loader(args, run))
         return engine.fit(ctx, loader, make_step_fn(args, hints), at_epoch_end)
