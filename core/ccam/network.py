@@ -44,16 +44,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         x32 = x.float()
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
         dist.all_reduce(count)
-        sums = all_reduce(torch.stack([x32.sum(dim=(0, 2, 3)), (x32 * x32).sum(dim=(0, 2, 3))]))  # [2, C]
-        mean = sums[0] / count
-        var = (sums[1] / count - mean * mean).clamp_min(0.0)
+        shape = (1, -1, 1, 1)
+        mean = all_reduce(x32.sum(dim=(0, 2, 3))) / count
+        centred = x32 - mean.view(shape)
+        # Two passes (mean, then squared deviations): E[x²] - μ² would cancel catastrophically on large activations.
+        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             unbiased = var * count / (count - 1).clamp_min(1.0)
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased)
-        shape = (1, -1, 1, 1)
-        y = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
 
 

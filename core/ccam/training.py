@@ -210,7 +210,7 @@ def make_step_fn(args: argparse.Namespace, hints: bool) -> engine.StepFn:
         with ctx.autocast():
             fg, bg, logits = ctx.models["ccam"](images)
         terms = losses.contrastive_losses(losses.gather_batch(fg.float()), losses.gather_batch(bg.float()), args.alpha)
-        loss = sum(terms.values())
+        loss = sum(terms.values())  # the global batch's value, the same on every process
         scalars = {name: float(value.item()) for name, value in terms.items()}
         if hints:
             hint_maps = losses.resize_hints(ctx.to_device(batch["hint"]), tuple(logits.shape[-2:]))
@@ -218,15 +218,17 @@ def make_step_fn(args: argparse.Namespace, hints: bool) -> engine.StepFn:
                 logits, hint_maps, args.fg_threshold, args.bg_threshold, args.label_smoothing
             )
             counts = distributed.all_reduce_sum_(torch.stack([parts["fg_count"], parts["bg_count"]]).detach())
-            # Each process divides its pixels' loss by the global counts; times `world` against DDP's average.
-            hint = losses.combine_hint_terms(parts, counts[0], counts[1]) * world
-            loss = loss + args.hint_w * hint
-            scalars |= {
-                "hint": float(hint.item()),
-                "hint_pixels": float(counts[0].item()) / max(1, images.shape[0] * world),
-            }
+            # This process's pixels over the global counts: the hint losses of all processes sum to the global one.
+            local_hint = losses.combine_hint_terms(parts, counts[0], counts[1])
+            loss = loss + args.hint_w * local_hint
+            hint = float(distributed.all_reduce_sum_(local_hint.detach().clone()).item())
+            scalars |= {"hint": hint, "hint_pixels": float(counts[0].item()) / max(1, images.shape[0] * world)}
+        # x world: DDP averages the processes' gradients, each of which holds its own samples' share of the total.
         ctx.update("ccam", loss * world)
-        return {"loss": float(loss.item()), **scalars}
+        total = (
+            scalars["sim_max_fg"] + scalars["sim_min"] + scalars["sim_max_bg"] + args.hint_w * scalars.get("hint", 0.0)
+        )
+        return {"loss": total, **scalars}
 
     return step
 
