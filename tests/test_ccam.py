@@ -287,7 +287,7 @@ def test_two_processes_update_like_one_process(synthetic_voc, perfect_hints, tmp
     ddp = torch.load(tmp_path / "experiments/models/ddp.pth", weights_only=True)
     one = torch.load(tmp_path / "experiments/models/single.pth", weights_only=True)
     for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-5, msg=key)  # running var ~1e8
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5, msg=key)  # running var ~1e8
     head = "ac_head.activation_head.weight"
     assert not torch.equal(one[head], CCAM("resnet18").state_dict()[head])
 
