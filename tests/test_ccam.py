@@ -251,7 +251,7 @@ def test_bad_cam_folders_are_refused_in_one_line(synthetic_voc, perfect_hints, t
 # Learning and DDP
 # --------------------------------------------------------------------------------------------------------------------
 
-MIN_GAIN = 10.0  # fg IoU points over the untrained network
+MIN_GAIN = 10.0  # fg IoU points over the untrained network; measured: untrained 17.7, trained 43.8 (3 epochs, 64 px)
 
 
 @pytest.mark.slow
