@@ -209,6 +209,12 @@ def test_train_hints_then_inference_write_one_plane_foreground_maps(
     assert cams.keys.tolist() == [1] and cams.hr_cam.shape == (1, 64, 64) and cams.hr_cam.max() > 0.99
     again = ccam_inference.main(ccam_inference.get_args_parser().parse_args(flags))  # resumes: nothing left to do
     assert (again["written"], again["skipped"]) == (0, 12)
+    # A reference checkpoint has no polarity decision: inference decides it from the border band.
+    weights = torch.load(summary["final_path"], weights_only=True)
+    del weights["inverted"]
+    torch.save({"state_dict": weights}, tmp_path / "reference.pth")
+    flags += ["--weights", str(tmp_path / "reference.pth"), "--pred_dir", str(tmp_path / "ref"), "--image_size", "64"]
+    assert ccam_inference.main(ccam_inference.get_args_parser().parse_args(flags))["written"] == 12
 
 
 def test_unsupervised_training_decides_the_polarity_after_the_first_epoch(synthetic_voc, tmp_path, monkeypatch):
@@ -238,6 +244,8 @@ def test_bad_cam_folders_are_refused_in_one_line(synthetic_voc, perfect_hints, t
     for path in gone:
         path.unlink()
     refused(incomplete, rf"4 of \d+ CAM files of --domain train missing in .*incomplete \(first: {gone[0].stem}, ")
+    (incomplete / "manifest.json").write_text('{"id": "0", "context": {"domain": "val"}}')
+    refused(incomplete, "CAM files of --domain train missing .* the folder was made for --domain val")
     other_size = tmp_path / "other_size"
     other_size.mkdir()
     for path in perfect_hints.glob("*.npz"):

@@ -83,7 +83,7 @@ class CCAM(nn.Module):
         trainable_backbone: False freezes the whole backbone.
         scratch_init: initialisation of a random backbone.
         stage4_out_features: the reference's flag, the channels of layer3 (1024 for every ResNet/ResNeSt but
-            resnet18/34); None reads them from the backbone, a value that differs is an error.
+            resnet18/34); None or 0 reads them from the backbone, a value that differs is an error.
 
     Attributes:
         inverted: float buffer, 1 when the map was found inverted (foreground low); :meth:`forward` with
@@ -114,7 +114,7 @@ class CCAM(nn.Module):
             scratch_init=scratch_init,
         )
         layer3 = self.backbone.stage_channels[3]
-        if stage4_out_features is not None and int(stage4_out_features) != layer3:
+        if stage4_out_features and int(stage4_out_features) != layer3:
             raise WSSSError(
                 f"--stage4_out_features {stage4_out_features} does not match {architecture}, whose layer3 has "
                 f"{layer3} channels; pass --stage4_out_features {layer3} or leave it out"

@@ -64,8 +64,8 @@ def add_network_args(parser: argparse.ArgumentParser, training: bool = True) -> 
         "--stage4_out_features",
         type=optional_int,
         default=None,
-        help="the reference's flag: channels of layer3 (1024 for resnet50+ and resnest); default read from the "
-        "backbone, a mismatching value is an error",
+        help="the reference's flag: channels of layer3 (1024 for resnet50+ and resnest); default (or 0) read "
+        "from the backbone, a mismatching value is an error",
     )
     if training:
         add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the C²AM head)")
@@ -225,9 +225,7 @@ def make_step_fn(args: argparse.Namespace, hints: bool) -> engine.StepFn:
             scalars |= {"hint": hint, "hint_pixels": float(counts[0].item()) / max(1, images.shape[0] * world)}
         # x world: DDP averages the processes' gradients, each of which holds its own samples' share of the total.
         ctx.update("ccam", loss * world)
-        total = (
-            scalars["sim_max_fg"] + scalars["sim_min"] + scalars["sim_max_bg"] + args.hint_w * scalars.get("hint", 0.0)
-        )
+        total = sum(terms.values()).item() + (args.hint_w * scalars["hint"] if hints else 0.0)
         return {"loss": total, **scalars}
 
     return step
