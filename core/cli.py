@@ -80,6 +80,18 @@ def unit_float(value: str) -> float:
     return number
 
 
+def open_unit_float(value: str) -> float:
+    """Parse a threshold strictly between 0 and 1 (e.g. C²AM-H's ``--fg_threshold``: 0 or 1 would make every pixel,
+    or none, a hint)."""
+    try:
+        number = float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}") from e
+    if not 0.0 < number < 1.0:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value!r}")
+    return number
+
+
 def unit_float_list(value: str) -> list[float]:
     """Parse a comma-separated list of CAM thresholds, each in [0, 1]."""
     return [unit_float(v) for v in _items(value, "thresholds")]

@@ -1,165 +1,27 @@
-"""CAM post-processing and multi-scale + flip CAM inference, as the P-NOC reference computes its seeds (SPEC §5).
+"""CAM post-processing and multi-scale + flip CAM inference of the CAM stage (SPEC §5).
 
-Conventions: ``keys`` are 1-based label-map indices (VOC class ``c`` of the 0-based classifier output is key
-``c + 1``; 0 is the background); CAM planes are stored only for the keys, with no background plane.
+The code lives in :mod:`core.multiscale`, shared with the saliency stage (whose package may not import this one);
+these names stay importable from here for the CAM stage's scripts and tools.
 """
 
-from __future__ import annotations
+from core.multiscale import (
+    CAM_EPS,
+    CAM_STRIDE,
+    UP_STRIDE,
+    imagenet_normalize,
+    max_normalize,
+    multiscale_cams,
+    normalize_cams,
+    resize_bicubic,
+)
 
-import logging
-from collections.abc import Sequence
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
-
-from core.artifacts import strided_size
-from core.datasets.transforms import normalize
-from core.labels import check_keys
-
-logger = logging.getLogger(__name__)
-
-CAM_EPS = 1e-5
-CAM_STRIDE = 4  # stride of the low-resolution ``cam`` array
-UP_STRIDE = 16  # ``hr_cam`` is resized to a multiple of this, then cropped
-
-
-def max_normalize(maps: torch.Tensor) -> torch.Tensor:
-    """Divide every map of float [..., h, w] by its own spatial max + 1e-5 (maps are expected >= 0)."""
-    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
-
-
-def normalize_cams(raw: torch.Tensor) -> torch.Tensor:
-    """``ReLU(raw)`` divided by its per-channel spatial max + 1e-5 (the reference's ``make_cam``).
-
-    Args:
-        raw: float [..., h, w], e.g. [B, C, h, w] raw class maps.
-
-    Returns:
-        Same shape, values in [0, 1); each channel with a positive value has its max just below 1, others are 0.
-    """
-    return max_normalize(F.relu(raw))
-
-
-def imagenet_normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] RGB -> float32 [3, H, W], ``(x / 255 - mean) / std`` with ImageNet statistics."""
-    return np.ascontiguousarray(normalize(image).transpose(2, 0, 1))
-
-
-def resize_bicubic(image: np.ndarray, scale: float) -> np.ndarray:
-    """Resize uint8 [H, W, 3] to ``(round(scale * H), round(scale * W))`` with PIL bicubic, as the reference does."""
-    height, width = image.shape[:2]
-    size = (round(width * scale), round(height * scale))
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"scale {scale} shrinks a {height}x{width} image to nothing")
-    return np.asarray(Image.fromarray(image).resize(size, resample=Image.BICUBIC))
-
-
-def _pair_batch(image: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """The normalised image and its mirror: float32 [2, 3, h, w] on ``device``, channels-last if asked.
-
-    Channels-last is the [h, w, 3] layout normalisation already produces, so that batch is built without the
-    transpose copy; the values are the same either way.
-    """
-    hwc = normalize(image)
-    if channels_last:
-        pair = np.stack([hwc, hwc[:, ::-1]])  # [2, h, w, 3]
-        return torch.from_numpy(pair).to(device).permute(0, 3, 1, 2)
-    single = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
-    return torch.stack([single, single.flip(-1)]).to(device)
-
-
-def _flip_pair_cams(
-    model: nn.Module,
-    image: np.ndarray,
-    channels: torch.Tensor | None,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-) -> torch.Tensor:
-    """ReLU'd maps of an image plus the un-flipped maps of its mirror: float32 [n, h, w].
-
-    ``channels`` (long [n], 0-based) selects classes before any resizing, which is exact because the later bilinear
-    resizing and summing act on each channel separately; None keeps all C channels. ``amp_dtype`` None = fp32.
-    """
-    batch = _pair_batch(image, device, channels_last)
-    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        _, maps = model(batch, with_cam=True)
-    maps = maps.float()
-    if channels is not None:
-        if channels.numel() and int(channels.max()) >= maps.shape[1]:
-            raise ValueError(f"keys up to {int(channels.max()) + 1} but the model has only {maps.shape[1]} classes")
-        maps = maps[:, channels]
-    maps = F.relu(maps)
-    return maps[0] + maps[1].flip(-1)
-
-
-def _resize_sum(per_scale: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear-resize each [n, h_s, w_s] map to ``size`` (align_corners=False) and sum over scales: [n, *size]."""
-    resized = [F.interpolate(m.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0] for m in per_scale]
-    return torch.stack(resized).sum(dim=0)
-
-
-def multiscale_cams(
-    model: nn.Module,
-    image: np.ndarray,
-    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-    *,
-    device: torch.device | str,
-    keys: Sequence[int] | np.ndarray | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    output_size: tuple[int, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Multi-scale + horizontal-flip CAMs of one image, reproducing the reference's ``inference.py``.
-
-    Per scale: PIL bicubic resize to ``(round(s*W), round(s*H))``, ImageNet normalisation, one forward of the pair
-    (image, mirrored image) with ``with_cam=True``, ReLU, map + un-flipped mirror map. ``cam`` sums the scales after
-    bilinear resizing to ``(ceil(H/4), ceil(W/4))``; ``hr_cam`` sums them after resizing to
-    ``(16*ceil(H/16), 16*ceil(W/16))`` and crops the top-left ``H x W`` (which lines the cells of a stride-16 model
-    up with their pixels; it also makes ``hr_cam`` flip-equivariant only when H and W are multiples of 16). Each kept
-    plane is divided by its own max + 1e-5.
-    The model must already be on ``device`` and in eval mode.
-
-    Args:
-        model: classifier whose ``forward(x, with_cam=True)`` returns ``(logits [2, C], maps [2, C, h, w])``.
-        image: uint8 [H, W, 3] RGB.
-        scales: resize factors.
-        device: where to run the model.
-        keys: 1-based label-map indices of the classes to keep (channel ``key - 1``), normally the image's
-            GT-positive classes; None keeps all C classes.
-        amp_dtype: run the forward under autocast to this dtype (None: fp32); the scripts pass
-            :func:`core.precision.compute_format`'s choice.
-        channels_last: feed the model channels-last tensors.
-        output_size: ``(H, W)`` of the original image when ``image`` was pre-resized (the reference's ``--resize``);
-            default the size of ``image``.
-
-    Returns:
-        ``keys`` int64 [n] (1..C, no background slot); ``cam`` float32 [n, ceil(H/4), ceil(W/4)] in [0, 1);
-        ``hr_cam`` float32 [n, H, W] in [0, 1).
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {tuple(image.shape)}")
-    if not scales:
-        raise ValueError("multiscale_cams needs at least one scale")
-    device = torch.device(device)
-    height, width = output_size if output_size is not None else image.shape[:2]
-    key_array = check_keys(keys) if keys is not None else None
-    if key_array is not None and key_array.size == 0:
-        cam_h, cam_w = strided_size(height, width, CAM_STRIDE)
-        return key_array, np.zeros((0, cam_h, cam_w), np.float32), np.zeros((0, height, width), np.float32)
-    channels = torch.as_tensor(key_array - 1, device=device) if key_array is not None else None
-
-    with torch.inference_mode():
-        per_scale = [
-            _flip_pair_cams(model, resize_bicubic(image, s), channels, device, amp_dtype, channels_last) for s in scales
-        ]
-        cam = _resize_sum(per_scale, strided_size(height, width, CAM_STRIDE))
-        up_h, up_w = strided_size(height, width, UP_STRIDE)
-        hr_cam = _resize_sum(per_scale, (up_h * UP_STRIDE, up_w * UP_STRIDE))[:, :height, :width]
-        cam, hr_cam = max_normalize(cam), max_normalize(hr_cam)
-    if key_array is None:
-        key_array = np.arange(1, cam.shape[0] + 1, dtype=np.int64)
-    return key_array, cam.cpu().numpy().astype(np.float32), hr_cam.cpu().numpy().astype(np.float32)
+__all__ = [
+    "CAM_EPS",
+    "CAM_STRIDE",
+    "UP_STRIDE",
+    "imagenet_normalize",
+    "max_normalize",
+    "multiscale_cams",
+    "normalize_cams",
+    "resize_bicubic",
+]

@@ -1,5 +1,10 @@
-"""The saliency stage (``scripts/ccam``): C²AM / C²AM-H training and inference pieces will live here.
+"""The saliency stage (``scripts/ccam``): C²AM and C²AM-H, a class-agnostic foreground map (SPEC §2.5, §7).
 
-Its network registers in :mod:`core.models`; it reads CAM folders through :mod:`core.artifacts`, never through
-:mod:`core.cam`.
+* :mod:`core.ccam.network`: the network (any CAM-stage backbone, one-channel head, stored polarity decision);
+* :mod:`core.ccam.losses`: SimMax, SimMin and the CAM-hint loss;
+* :mod:`core.ccam.data`: the CAM-hint dataset and the checks of a CAM folder;
+* :mod:`core.ccam.training`: flags, the training step, polarity, the fg/bg validation and the training recipe.
+
+It reads CAM folders through :mod:`core.artifacts` and shares multi-scale inference with the CAM stage through
+:mod:`core.multiscale`, never through :mod:`core.cam`.
 """
