@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
+import test_learning
 import torch
 
-from core import cli
+from core import checkpoint, cli, paths
 from core.cam import methods, mixing
 from core.cam.mixing import BatchMix, MixConfig
 from core.errors import WSSSError
@@ -19,6 +20,8 @@ from core.models import MIX_POINTS, Classifier, load_classifier_weights
 from scripts.cam import train_mixup, train_vanilla
 
 pytestmark = pytest.mark.torch_threads(1)
+
+five_class_voc = test_learning.five_class_voc  # the learning test's data (module-scoped fixture)
 
 
 def flags(data_dir: Path, *extra: str, batch_size: int = 24) -> list[str]:
@@ -233,3 +236,23 @@ def test_school_project_switches_and_bad_mixing_flags(synthetic_voc, tmp_path, m
     vanilla = train_vanilla.get_args_parser()
     err = cli_error(train_vanilla.main, vanilla, flags(synthetic_voc, "--augment", "randaugment_mixup"), capsys)
     assert "mixup is not a data augmentation here" in err and "train_mixup.py --mix mixup" in err
+
+
+# -- learning -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.torch_threads(2)
+def test_a_short_mixup_cam_run_clearly_beats_the_untrained_network(five_class_voc, tmp_path, monkeypatch):
+    """test_learning.py's protocol (same data, recipe and margin) with Mixup-CAM instead of vanilla training."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    checkpoint.save_weights(paths.final_weights_path("untrained"), Classifier("resnet18", 20).state_dict())
+    untrained = test_learning.cam_miou(five_class_voc, "untrained")
+    recipe = [
+        "--tag", "trained", "--data_dir", str(five_class_voc), "--domain_train", "train_aug", "--architecture",
+        "resnet18", "--backbone_weights", "none", "--batch_size", "16", "--max_epoch", "12", "--image_size", "96",
+        "--min_image_size", "80", "--max_image_size", "112", "--num_workers", "0", "--device", "cpu", "--optimizer",
+        "adamw", "--lr", "0.001", "--label_smoothing", "0.1", "--mix", "mixup",
+    ]  # fmt: skip
+    train_mixup.main(train_mixup.get_args_parser().parse_args(recipe))
+    trained = test_learning.cam_miou(five_class_voc, "trained")
+    assert trained > untrained + test_learning.MIN_GAIN, f"Mixup-CAM mIoU {trained:.1f} vs untrained {untrained:.1f}"
