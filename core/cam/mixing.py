@@ -9,9 +9,9 @@ Each batch is mixed with a permutation ``π`` of itself:
   backbone stage outputs (:data:`core.models.MIX_POINTS`), inside the classifier's own forward pass.
 
 Every method then minimises ``L = λ MLSM(f(x̃), y) + (1 - λ) MLSM(f(x̃), y[π]) + λ_ent L_ent + λ_con L_con``:
-``L_ent`` is the entropy of the classifier's sigmoid outputs (not of the labels, SPEC/METHODS §16.17) and ``L_con``
-SCOPS' concentration of each class's map, the classes of ``y`` weighted λ and those of ``y[π]`` 1 - λ
-(:mod:`core.losses`). For FMix, λ is the mask's exact share of ones.
+``L_ent`` is the entropy of the classifier's sigmoid outputs (not of the labels, which made the school project's
+term a no-op: METHODS §16.17) and ``L_con`` SCOPS' concentration of each class's map, the classes of ``y`` weighted
+λ and those of ``y[π]`` 1 - λ (:mod:`core.losses`). For FMix, λ is the mask's exact share of ones.
 
 Mixing is one operation per batch on the device, with no per-sample loop. λ, the mixing point and whether a batch
 is mixed at all (``--mixup_prob``) are drawn from torch's CPU generator, the permutation and FMix's spectrum from the

@@ -5,7 +5,8 @@ partner through a low-frequency binary mask with ⌈λHW⌉ ones (λ ~ Beta(1, 1
 the hidden states at a point drawn uniformly from the input and the five backbone stage outputs. Loss:
 ``L = λ MLSM(f(x̃), ỹ_a) + (1 - λ) MLSM(f(x̃), ỹ_b) + λ_ent L_ent + λ_con L_con`` with the entropy of the sigmoid
 outputs (``--ent``, λ_ent 0.02) and SCOPS' concentration of the class maps (``--concent``, λ_con 2e-4), see
-:mod:`core.cam.mixing`. Each process mixes its own batch (under torchrun, partners come from the same process).
+:mod:`core.cam.mixing`. Each process mixes its own batch (under torchrun, partners come from the same process);
+``--mixup_prob`` is the probability that a batch is mixed at all (default 1).
 The school project's switches run unchanged: ``--mixup 1``, ``--fmix 1``, ``--manifold_mixup 1``, ``--ent 1``,
 ``--concent 1``, ``--max_epochs``. CAMs, inference and evaluation are the CAM stage's.
 
