@@ -69,6 +69,28 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    """Parse a finite number > 0 (a Beta parameter, a spectrum decay)."""
+    try:
+        number = _number(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from e
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value!r}")
+    return number
+
+
+def nonnegative_float(value: str) -> float:
+    """Parse a finite number >= 0 (a loss weight)."""
+    try:
+        number = _number(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from e
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return number
+
+
 def unit_float(value: str) -> float:
     """Parse a CAM threshold: a number in [0, 1] (CAMs are normalised to [0, 1]; NaN is refused)."""
     try:

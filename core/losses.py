@@ -1,4 +1,5 @@
-"""Losses of the CAM stage: multilabel soft margin with binary label smoothing, Puzzle-CAM's reconstruction loss.
+"""Losses of the CAM stage: multilabel soft margin with binary label smoothing, Puzzle-CAM's reconstruction loss,
+Mixup-CAM's entropy and concentration terms.
 
 All functions are pure: they take tensors and return a scalar tensor, with no module state.
 """
@@ -114,3 +115,54 @@ def reconstruction_loss(
     per_class = distance.mean(dim=(2, 3))  # [B, C]
     per_sample = (per_class * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
     return per_sample.mean()
+
+
+def sigmoid_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy of the sigmoid outputs, Mixup-CAM's uncertainty term ``L_ent`` (METHODS §12).
+
+    ``-mean_{b,c} [p log p + (1 - p) log(1 - p)]`` with ``p = σ(z)``, computed from log-sigmoids in float32 so it
+    stays finite for saturated logits. Maximal (``log 2``) at ``p = 0.5``, zero as ``|z| -> ∞``.
+
+    Args:
+        logits: float [B, C], unbounded (the classifier's outputs, not the labels).
+
+    Returns:
+        Scalar float32 tensor in [0, log 2] (nats).
+    """
+    z = logits.float()
+    p = torch.sigmoid(z)
+    return -(p * F.logsigmoid(z) + (1.0 - p) * F.logsigmoid(-z)).mean()
+
+
+def concentration_loss(attention: torch.Tensor, weights: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """SCOPS' concentration loss: the spatial variance of each weighted class map around its centroid.
+
+    Each map becomes a distribution ``π_c = (a_c + eps) / Σ(a_c + eps)`` over a grid spanning [-1, 1]² (row and
+    column coordinates), with centroid ``μ_c = Σ π_c·(u, v)``; the loss is
+    ``(1/B) Σ_b Σ_c w_bc Σ_{u,v} π_c(u, v) ‖(u, v) - μ_c‖²``. Zero for a single-pixel map with ``eps = 0``; grows
+    with the map's spread (a uniform map on a large grid gives about 2/3 per unit weight).
+
+    Args:
+        attention: float [B, C, h, w] >= 0, e.g. the class-softmax of the ReLU'd CAMs.
+        weights: float [B, C] >= 0, e.g. the (mixed) image labels: which classes count, and how much.
+        eps: added to every entry before normalising (1e-3 in SCOPS and Mixup-CAM); keeps empty maps defined.
+
+    Returns:
+        Scalar float32 tensor >= 0.
+    """
+    if attention.dim() != 4 or weights.shape != attention.shape[:2]:
+        raise ValueError(
+            f"attention [B, C, h, w] and weights [B, C] expected, got {tuple(attention.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    batch, _, height, width = attention.shape
+    mass = attention.float() + eps
+    probs = mass / mass.sum(dim=(2, 3), keepdim=True)  # π: [B, C, h, w], sums to 1 per map
+    rows = torch.linspace(-1.0, 1.0, height, device=probs.device) if height > 1 else probs.new_zeros(1)
+    cols = torch.linspace(-1.0, 1.0, width, device=probs.device) if width > 1 else probs.new_zeros(1)
+    row_mass, col_mass = probs.sum(dim=3), probs.sum(dim=2)  # marginals [B, C, h], [B, C, w]
+    mean_row = (row_mass * rows).sum(dim=2, keepdim=True)  # [B, C, 1]
+    mean_col = (col_mass * cols).sum(dim=2, keepdim=True)
+    # ‖(u, v) - μ‖² separates into the row and column terms, each weighted by its marginal.
+    variance = (row_mass * (rows - mean_row) ** 2).sum(dim=2) + (col_mass * (cols - mean_col) ** 2).sum(dim=2)
+    return (variance * weights.float()).sum() / batch

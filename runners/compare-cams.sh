@@ -2,12 +2,14 @@
 # The five CAM methods at equal budget: vanilla, Puzzle-CAM, OC-CSE, P-OC and P-NOC, each trained for the same
 # epochs, the OC methods against the vanilla model $TAG_OC (default: the one this run trains); then CAM inference,
 # the threshold sweep, and one table. Every method starts from $BACKBONE_WEIGHTS (none = from scratch on synthetic),
-# or from CG_WEIGHTS when it is set (e.g. a trained classifier standing in for ImageNet weights).
+# or from CG_WEIGHTS when it is set (e.g. a trained classifier standing in for ImageNet weights). The mixing methods
+# (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...) join the table when METHODS names them.
 #
 #   DATASET=synthetic bash runners/compare-cams.sh        # the README's methods table (CPU, from scratch)
 #   DATASET=synthetic bash runners/compare-cams.sh --seeds 3   # or SEEDS=3: each method at seeds 0..2, mean ± sd
 #   DATASET=synthetic EID=cmp-oc TAG_OC=vanilla/synthetic-resnet18-e6-cmp \
 #     CG_WEIGHTS=experiments/models/vanilla/synthetic-resnet18-e6-cmp.pth bash runners/compare-cams.sh
+#   DATASET=synthetic METHODS="vanilla mixup fmix manifold" bash runners/compare-cams.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/compare-cams.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,9 +34,11 @@ method_flags() {
     occse)   echo --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" ;;
     poc)     echo --alpha "$PUZZLE_ALPHA" --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" ;;
     pnoc)    echo --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" "${pnoc_flags[@]}" ;;
-    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc)" >&2; return 2 ;;
+    mixup|fmix|manifold) echo --mix "$1" ;;
+    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc mixup fmix manifold)" >&2; return 2 ;;
   esac
 }
+script_of() { case "$1" in mixup|fmix|manifold) echo train_mixup ;; *) echo "train_$1" ;; esac; }
 
 results=()
 for METHOD in $METHODS; do
@@ -43,7 +47,7 @@ for METHOD in $METHODS; do
     TAG_OC_SEED=${TAG_OC:-$(tag_of vanilla "$SEED")}  # the OC methods play against the vanilla run of their seed
     if has_stage train && ! done_already "$TAG"; then
       # shellcheck disable=SC2046  # method_flags prints plain words
-      $LAUNCH "$REPO/scripts/cam/train_$METHOD.py" "${cam_common[@]}" --tag "$TAG" --batch_size "$BATCH_OC" \
+      $LAUNCH "$REPO/scripts/cam/$(script_of "$METHOD").py" "${cam_common[@]}" --tag "$TAG" --batch_size "$BATCH_OC" \
         --backbone_weights "${CG_WEIGHTS:-$BACKBONE_WEIGHTS}" --max_epoch "$EPOCHS" --label_smoothing 0.1 \
         --seed "$SEED" $(TAG_OC=$TAG_OC_SEED method_flags "$METHOD")
     fi

@@ -9,6 +9,7 @@ Every method adds parts to the vanilla loss ``L_c = MLSM(f(x), ỹ)`` of the CAM
   ``x·1[M̂_r <= δ]``, so the generator is pushed to cover what the OC still finds.
 
 ``vanilla`` = {}, ``puzzle`` = {puzzle}, ``occse`` = {oc}, ``poc`` = {puzzle, oc}, ``pnoc`` = {puzzle, oc, adversary}.
+The mixing methods ``mixup``, ``fmix`` and ``manifold`` = {mix} train on mixed batches instead (:mod:`core.cam.mixing`).
 A script registers its networks in a :class:`core.engine.TrainContext` (``cg`` first; ``oc`` frozen, or trained for
 P-NOC) and hands :func:`build_step_fn` to :func:`core.engine.fit`; ``tools/benchmark.py`` times the same step.
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.cam import mixing
 from core.cam.cams import normalize_cams
 from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
 from core.cam.puzzle import puzzle_outputs
@@ -55,6 +57,7 @@ METHOD_PARTS: dict[str, frozenset[str]] = {
     "occse": frozenset({"oc"}),
     "poc": frozenset({"puzzle", "oc"}),
     "pnoc": frozenset({"puzzle", "oc", "adversary"}),
+    **{kind: frozenset({"mix"}) for kind in mixing.MIX_METHODS},
 }
 PUZZLE_TERMS = ("cl", "pcl", "re")
 ClassLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -254,6 +257,7 @@ class MethodSpec:
     oc: OCConfig | None = None
     splitter: LabelSplitter | None = None
     adversary: AdversaryConfig | None = None
+    mix: mixing.MixConfig | None = None
 
 
 def classification_loss(label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None) -> ClassLoss:
@@ -280,6 +284,7 @@ def method_spec(
         oc=OCConfig.from_args(args) if "oc" in parts else None,
         splitter=splitter if "oc" in parts else None,
         adversary=AdversaryConfig.from_args(args) if "adversary" in parts else None,
+        mix=mixing.MixConfig.from_args(args, method) if "mix" in parts else None,
     )
 
 
@@ -552,10 +557,13 @@ def _puzzle_total(
 def cam_step(ctx: TrainContext, batch: dict[str, Any], step: int, spec: MethodSpec) -> dict[str, float]:
     """The engine's step function for every CAM method (bind ``spec`` with :func:`build_step_fn`).
 
+    Mixing methods: one update on the mixed batch (:func:`core.cam.mixing.mixed_generator_step`) instead.
     P-NOC: after the generator's update, every ``--oc-train-interval-steps`` batches, the OC's adversarial step on
     the hard-masked images of the same batch.
     """
     images, labels = ctx.to_device(batch["image"]), ctx.to_device(batch["label"]).float()
+    if spec.mix is not None:
+        return to_floats(mixing.mixed_generator_step(ctx, images, labels, spec.mix, spec.class_loss))
     scalars, maps, term = generator_step(ctx, images, labels, step, spec)
     if spec.adversary is not None and term is not None:
         weight = spec.adversary.weight.at(step, ctx.total_steps)

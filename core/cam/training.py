@@ -56,9 +56,20 @@ def add_cam_data_args(
         group, "--max_image_size", type=positive_int, default=640, help="largest random longer side before cropping"
     )
     add_arg(group, "--augment", type=str, default="", help="augmentations, e.g. randaugment, colorjitter, clahe")
-    not_implemented = "accepted so the reference's commands run; --augment cutmix/mixup is not implemented"
-    add_arg(group, "--cutmix_prob", type=float, default=1.0, help=not_implemented)
-    add_arg(group, "--mixup_prob", type=float, default=1.0, help=not_implemented)
+    add_arg(
+        group,
+        "--cutmix_prob",
+        type=float,
+        default=1.0,
+        help="accepted so the reference's commands run; ignored (CutMix is not implemented, --augment cutmix refused)",
+    )
+    add_arg(
+        group,
+        "--mixup_prob",
+        type=float,
+        default=1.0,
+        help="scripts/cam/train_mixup.py: probability that a batch is mixed; the other scripts do not mix",
+    )
     add_arg(group, "--label_smoothing", type=float, default=0.0, help="binary label smoothing ε: y(1-ε) + ε/2")
     add_arg(group, "--class_weight", type=str, default="none", help="comma-separated per-class loss weights, or none")
     add_bool_arg(group, "--validate_priors", True, "with --validate: also sweep CAM thresholds against GT masks")
@@ -111,14 +122,19 @@ def parse_class_weight(text: str | None, num_classes: int, device: torch.device 
 
 
 def check_augment(augment: str | None) -> None:
-    """Reject the reference's mixing augmentations, which this toolkit does not implement (WSSSError)."""
+    """Reject the reference's mixing augmentations (WSSSError): CutMix is not implemented, and mixup is a method of
+    its own (``scripts/cam/train_mixup.py``), a per-batch operation on the device rather than a data transform."""
     text = (augment or "").lower()
-    for name in ("cutmix", "mixup"):
-        if name in text:
-            raise WSSSError(
-                f"--augment {augment!r}: {name} is not implemented in this toolkit; "
-                "remove it (colorjitter, randaugment and clahe are available)"
-            )
+    if "mixup" in text:
+        raise WSSSError(
+            f"--augment {augment!r}: mixup is not a data augmentation here; remove it and train with "
+            "scripts/cam/train_mixup.py --mix mixup (--ent false --concent false for plain mixup)"
+        )
+    if "cutmix" in text:
+        raise WSSSError(
+            f"--augment {augment!r}: cutmix is not implemented in this toolkit; remove it (colorjitter, randaugment "
+            "and clahe are available; scripts/cam/train_mixup.py --mix fmix pastes low-frequency masks)"
+        )
 
 
 def build_train_data(args: argparse.Namespace, run: Run) -> tuple[DataSource, torch.utils.data.DataLoader]:
@@ -288,8 +304,9 @@ def train_cam_generator(
 
     Args:
         args: the script's flags.
-        method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``),
-            or the name of a method that passes ``build_step`` (``subcategory``).
+        method: a key of :data:`core.cam.methods.METHOD_PARTS` (``vanilla``, ``puzzle``, ``occse``, ``poc``, ``pnoc``,
+            and the mixing methods ``mixup``, ``fmix``, ``manifold``), or the name of a method that passes
+            ``build_step`` (``subcategory``).
         script: the script's ``__file__`` (recorded in the manifest).
         add_networks: registers the method's other networks (the ordinary classifier), see :data:`AddNetworks`.
         also_save: names the other networks' final weights files; :func:`core.engine.fit` writes them before the

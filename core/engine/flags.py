@@ -24,7 +24,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     add_arg(
         group, "--batch_size", type=int, default=32, help="GLOBAL batch size (split evenly over torchrun processes)"
     )
-    add_arg(group, "--max_epoch", type=positive_int, default=15, help="number of training epochs")
+    add_arg(group, "--max_epoch", "--max_epochs", type=positive_int, default=15, help="number of training epochs")
     add_arg(group, "--lr", type=float, default=0.1, help="base learning rate (poly schedule, power 0.9)")
     add_arg(group, "--wd", type=float, default=1e-4, help="weight decay")
     add_arg(

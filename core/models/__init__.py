@@ -15,8 +15,10 @@ from torch import nn
 from core.errors import WSSSError
 from core.models.backbones import (
     BACKBONES,
+    MIX_POINTS,
     Backbone,
     FixedBatchNorm2d,
+    HiddenMix,
     build_backbone,
     group_parameters,
     imagenet_state_dict,
@@ -61,10 +63,12 @@ register_model("subcategory_classifier")(SubcategoryClassifier)
 
 __all__ = [
     "BACKBONES",
+    "MIX_POINTS",
     "MODELS",
     "Backbone",
     "Classifier",
     "FixedBatchNorm2d",
+    "HiddenMix",
     "SubcategoryClassifier",
     "build_backbone",
     "build_model",

@@ -30,6 +30,10 @@ from core.models.initialization import DEFAULT_SCRATCH_INIT, check_scratch_init,
 logger = logging.getLogger(__name__)
 
 BackboneFactory = Callable[[type[nn.BatchNorm2d], bool], nn.Module]
+# Manifold Mixup's hook: (mixing point, hidden state) -> the hidden state the network continues with.
+HiddenMix = Callable[[int, torch.Tensor], torch.Tensor]
+#: Where a hidden-state hook is called: the input, after the stem, after layer1..layer4.
+MIX_POINTS = ("input", "stem", "layer1", "layer2", "layer3", "layer4")
 
 #: ``--architecture`` name -> factory ``(norm_layer, dilated) -> network with conv1, bn1, layer1..layer4``.
 BACKBONES: dict[str, BackboneFactory] = {}
@@ -58,6 +62,10 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
         return factory
 
     return register
+
+
+def _keep_hidden(point: int, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
 
 
 class FixedBatchNorm2d(nn.BatchNorm2d):
@@ -101,21 +109,28 @@ class Backbone(nn.Module):
         self.fixed_norm = fixed_norm
         self._frozen: list[str] = []
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, hidden_mix: HiddenMix | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Extract the stem and stage features.
 
         Args:
             x: float [B, 3, H, W], normalised image (contiguous or channels_last).
+            hidden_mix: Manifold Mixup's hook ``(point, hidden) -> hidden``, called at each of the
+                :data:`MIX_POINTS` points (0 = the input, 1 = after the stem, 2..5 = after layer1..layer4) and
+                returning the tensor the network continues with (see :mod:`core.cam.mixing`); None = no hook.
 
         Returns:
             (stem, x1, x2, x3, x4): stem and x1 at stride 4, x2 at 8, x3 at 16 (8 if dilated), x4 at
             ``output_stride``; channels as in ``stage_channels``.
         """
-        stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x1 = self.layer1(stem)
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
-        x4 = self.layer4(x3)
+        mix = hidden_mix or _keep_hidden
+        x = mix(0, x)
+        stem = mix(1, self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        x1 = mix(2, self.layer1(stem))
+        x2 = mix(3, self.layer2(x1))
+        x3 = mix(4, self.layer3(x2))
+        x4 = mix(5, self.layer4(x3))
         return stem, x1, x2, x3, x4
 
     def freeze(self, names: Iterable[str]) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import WSSSError
-from core.models.backbones import build_backbone, group_parameters
+from core.models.backbones import HiddenMix, build_backbone, group_parameters
 from core.models.initialization import DEFAULT_SCRATCH_INIT
 
 logger = logging.getLogger(__name__)
@@ -75,18 +75,22 @@ class Classifier(nn.Module):
         nn.init.kaiming_normal_(self.classifier.weight)
         self.num_classes = int(num_classes)
 
-    def forward(self, x: torch.Tensor, with_cam: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, with_cam: bool = False, hidden_mix: HiddenMix | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Classify a batch.
 
         Args:
             x: float [B, 3, H, W], normalised image (contiguous or channels_last).
             with_cam: also return the raw class activation maps.
+            hidden_mix: Manifold Mixup's hook on the backbone's hidden states (see ``Backbone.forward``); passed
+                through the call so that a DDP-wrapped classifier mixes inside its own forward.
 
         Returns:
             logits float [B, C] (unbounded), or (logits, cams) with cams float [B, C, h, w] raw (unbounded, not
             ReLU'd or normalised), h = ceil(H / output_stride).
         """
-        features = self.backbone(x)[-1]
+        features = self.backbone(x, hidden_mix)[-1]
         cams = self.classifier(features)
         # Mean of the maps equals the conv of the pooled features (linear, bias-free head), so one path serves both.
         logits = cams.mean(dim=(2, 3))
