@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: generate the synthetic VOC-layout benchmark, run every stage that exists
-# on CPU and print a table of mIoU per stage. Rerunning resumes (finished outputs are kept and skipped).
+# (CAMs, saliency) on CPU and print a table of mIoU per stage. Rerunning resumes (finished outputs are kept and skipped).
 #   make demo              # creates .venv first
 #   bash runners/demo.sh   # inside an environment that already has requirements.txt installed
 set -euo pipefail
@@ -18,5 +18,10 @@ if [[ ! -f "$DATA_DIR/synthetic.json" ]]; then
 fi
 
 start=$(date +%s)
-bash "$REPO/runners/1-priors.sh"  # ends with the table of CAM mIoU per stage
+bash "$REPO/runners/1-priors.sh"    # CAMs: ordinary classifier, P-NOC
+bash "$REPO/runners/2-saliency.sh"  # saliency: C²AM-H on the P-NOC CAMs, CRF, PoolNet
+echo
+echo "Every stage on $DATASET/train (CAM rows: mIoU at the best background threshold; saliency rows: foreground/"
+echo "background IoU, MAE, max F; 'bg: <folder>': the P-NOC CAMs with that saliency as background):"
+$PY "$REPO/tools/summarize_results.py" experiments/results/"$DATASET"/*.json
 echo "demo done in $(( $(date +%s) - start )) s; outputs under $WORK_DIR/experiments/"

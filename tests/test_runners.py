@@ -18,6 +18,7 @@ TINY = {
     "SYN_TRAIN": "12", "SYN_VAL": "4", "SYN_AUG": "12", "SYN_SIZE": "64", "SYN_CLASSES": "3",
     "IMAGE_SIZE": "64", "MIN_IMAGE_SIZE": "64", "MAX_IMAGE_SIZE": "64", "EPOCHS": "1", "EPOCHS_PNOC": "1",
     "BATCH_OC": "4", "BATCH_PNOC": "2", "ACCUMULATE_PNOC": "2", "SCALES": "1.0",
+    "IMAGE_SIZE_SAL": "64", "EPOCHS_SAL": "1", "BATCH_SAL": "4", "EPOCHS_PN": "1", "BATCH_PN": "4",
     "WORKERS_TRAIN": "0", "WORKERS_INFER": "1", "OMP_NUM_THREADS": "1",
 }  # fmt: skip
 
@@ -49,16 +50,24 @@ def test_demo_chain_trains_infers_scores_and_resumes(tmp_path):
     first = run_runner("demo.sh", tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     scores = results(tmp_path)
-    assert len(scores) == 2 and {name.split("_")[0] for name in scores} == {"vanilla", "pnoc"}
+    cams = {name for name in scores if not name.startswith("saliency_")}
+    assert {name.split("_")[0] for name in cams} == {"vanilla", "pnoc"} and len(cams) == 2
+    saliency = {name: scores[name] for name in scores if name.startswith("saliency_")}
+    evaluated = [name for name, summary in saliency.items() if summary["protocol"]["mode"] == "saliency"]
+    as_background = [name for name, summary in saliency.items() if summary["protocol"].get("sal_dir")]
+    assert len(evaluated) == 3 and len(as_background) == 2  # P-NOC CAMs, C²AM-H masks, PoolNet; 2 x CAMs + saliency
+    assert any("ccamh" in name for name in evaluated) and any("poolnet" in name for name in evaluated)
     for summary in scores.values():
         assert 0 < summary["miou"] <= 100
-    assert "mIoU" in first.stdout and "vanilla_synthetic" in first.stdout  # the closing table
+    for name in evaluated:
+        assert 0 <= saliency[name]["mae"] <= 1 and 0 <= saliency[name]["max_fbeta"] <= 1
+    assert "mIoU" in first.stdout and "vanilla_synthetic" in first.stdout and "saliency_" in first.stdout  # the table
 
     models = sorted((tmp_path / "experiments" / "models").rglob("*.pth"))
     stamps = {path: path.stat().st_mtime_ns for path in models}
     second = run_runner("demo.sh", tmp_path)  # resumes: nothing retrained
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("[skip]") == 2
+    assert second.stdout.count("[skip]") == 4  # vanilla, P-NOC, C²AM-H, PoolNet
     assert {path: path.stat().st_mtime_ns for path in models} == stamps
 
 
