@@ -103,6 +103,14 @@ def named_predictions_dir(experiment_name: str | None, pred_dir: str | None, wha
     raise WSSSError(f"no {what} given; pass --experiment_name NAME or --pred_dir DIR")
 
 
+def existing_predictions_dir(experiment_name: str | None, pred_dir: str | None, what: str, producer: str) -> Path:
+    """:func:`named_predictions_dir` that must exist; the error names ``producer``, the script that writes it."""
+    folder = named_predictions_dir(experiment_name, pred_dir, what=what)
+    if not folder.is_dir():
+        raise WSSSError(f"{what} {folder} does not exist; run {producer} first or fix --pred_dir")
+    return folder
+
+
 def evaluation_dir(pred_dir: str | Path, root: str | Path = RESULTS_DIR) -> Path:
     """Where ``scripts/evaluate.py`` logs its reports of ``pred_dir``: ``<root>/eval/<pred_dir below predictions/>``
     (or the folder's name when it lies elsewhere)."""
