@@ -204,6 +204,13 @@ def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> 
     return group
 
 
+def add_run_weights_args(group: Any, weights_help: str, *weights_aliases: str) -> None:
+    """``--tag`` (names the output folder), ``--weights`` (default: the tag's) and ``--trust_checkpoint``."""
+    add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
+    add_arg(group, "--weights", *weights_aliases, type=str, default=None, help=weights_help)
+    add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
+
+
 def add_cam_folder_args(parser: argparse.ArgumentParser, what: str, producer: str) -> argparse._ArgumentGroup:
     """The "cams" group of a stage reading a CAM folder: ``--experiment_name``, ``--pred_dir``, ``--allow_pickle``."""
     group = parser.add_argument_group("cams")
