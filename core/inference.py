@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core import artifacts, distributed
-from core.errors import WSSSError
+from core.errors import WSSSError, first_ids
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,42 @@ def split_background_only(labels: Mapping[str, np.ndarray]) -> tuple[list[str], 
     with_fg = [i for i, label in labels.items() if np.any(np.asarray(label) > 0)]
     keep = set(with_fg)
     return with_fg, [i for i in labels if i not in keep]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jobs over a CAM folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CamFolderJob:
+    """What every stage that turns a CAM folder into per-image files sends once to each worker process.
+
+    Attributes:
+        source: data source (``read_image``, ``image_size``, ...).
+        cam_dir: folder of ``<id>.npz`` (or legacy ``<id>.npy``) CAM files.
+        out_dir: folder of the per-image outputs.
+        allow_pickle: read legacy pickled ``.npy`` CAM files.
+        background_only: ids whose image-level label has no foreground class; they need no CAM file.
+    """
+
+    source: Any
+    cam_dir: Path
+    out_dir: Path
+    allow_pickle: bool = False
+    background_only: frozenset[str] = frozenset()
+
+    def cam_file(self, image_id: str) -> Path | None:
+        """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
+        return artifacts.find_cam_file(self.cam_dir, image_id)
+
+    def missing_cam_files(self, ids: Sequence[str]) -> list[str]:
+        """Ids that have neither a CAM file nor a background-only label."""
+        return [i for i in ids if i not in self.background_only and self.cam_file(i) is None]
+
+    def describe_missing(self, missing: Sequence[str], total: int) -> str:
+        """``"3 of 24 CAM files missing in DIR (first: a, b, c, ...)"``."""
+        return f"{len(missing)} of {total} CAM files missing in {self.cam_dir} (first: {first_ids(missing)})"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -116,13 +116,13 @@ def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids:
     """Every id needs a CAM file (or a background-only fill), with ``--sal_dir`` a saliency map, and the output
     folder must be writable."""
     check_writable(job.out_dir, "--output", folder=True)
-    missing = pseudo_masks.missing_cam_files(job, ids)
+    missing = job.missing_cam_files(ids)
     if missing:
         hint = "" if args.fill_missing_as_background else (
             "; images without a foreground class have none: pass --fill_missing_as_background true for them"
         )  # fmt: skip
         raise WSSSError(
-            f"{pseudo_masks.describe_missing(missing, len(ids), job.cam_dir)}; run scripts/cam/inference.py "
+            f"{job.describe_missing(missing, len(ids))}; run scripts/cam/inference.py "
             f"for --domain {args.domain} first{hint}"
         )
     if job.sal_dir is not None:

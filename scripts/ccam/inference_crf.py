@@ -32,7 +32,7 @@ from core import cli, distributed, inference, manifest, paths, runtime
 from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
 from core.ccam import saliency_masks
 from core.datasets import source_from_args
-from core.errors import WSSSError, first_ids
+from core.errors import WSSSError
 from core.parallel import sum_over_chunks
 
 logger = logging.getLogger(__name__)
@@ -110,12 +110,11 @@ def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> s
 def check_inputs(args: argparse.Namespace, job: saliency_masks.SaliencyMaskJob, ids: list[str]) -> None:
     """Every id with a foreground class needs a CAM file, and the output folder must be writable."""
     check_writable(job.out_dir, "--output", folder=True)
-    missing = saliency_masks.missing_cam_files(job, ids)
+    missing = job.missing_cam_files(ids)
     if missing:
         needed = len(ids) - len(job.background_only)
         raise WSSSError(
-            f"{len(missing)} of {needed} CAM files missing in {job.cam_dir} (first: {first_ids(missing)}); "
-            f"run scripts/ccam/inference.py for --domain {args.domain} first"
+            f"{job.describe_missing(missing, needed)}; run scripts/ccam/inference.py for --domain {args.domain} first"
         )
 
 
