@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from core import artifacts, distributed
 from core.errors import WSSSError, first_ids
+from core.parallel import chunked, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,51 @@ def split_background_only(labels: Mapping[str, np.ndarray]) -> tuple[list[str], 
 # --------------------------------------------------------------------------------------------------------------------
 # Jobs over a CAM folder
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    """What :func:`run_over_chunks` did on this rank.
+
+    Attributes:
+        todo: ids of this rank's shard that had no output yet (all written now).
+        skipped: ids of the shard whose output already existed.
+        written: the sum of the writer's counts.
+        seconds: wall time of the pool.
+        workers: processes that had a chunk (at least 1).
+    """
+
+    todo: list[str]
+    skipped: int
+    written: int
+    seconds: float
+    workers: int
+
+
+def run_over_chunks(
+    fn: Callable[[list[str]], int],
+    ids: Sequence[str],
+    out_dir: Path,
+    suffix: str,
+    *,
+    dist: Any,
+    num_workers: int,
+    desc: str,
+    log: logging.Logger,
+    source_dir: Path,
+) -> PoolSummary:
+    """Run ``fn`` (writes the files of a chunk of ids, returns how many) over the ids of this rank's shard whose
+    ``<out_dir>/<id><suffix>`` does not exist yet, in a process pool; ``log`` (the stage's logger) first announces
+    ``"<desc> of N ids (M done before) from <source_dir> -> <out_dir>"``. ``dist``: the run's ``rank`` and
+    ``world_size``."""
+    mine = distributed.shard(list(ids), dist.rank, dist.world_size)
+    todo = artifacts.pending_ids(mine, out_dir, suffix)
+    log.info("%s of %d ids (%d done before) from %s -> %s", desc, len(todo), len(mine) - len(todo), source_dir, out_dir)
+    start = time.perf_counter()
+    chunks = chunked(todo, max(1, num_workers) * 8) if todo else []  # about eight chunks a worker
+    written = sum(parallel_map(fn, chunks, num_workers, desc=desc))
+    workers = max(1, min(num_workers, len(chunks)))
+    return PoolSummary(todo, len(mine) - len(todo), written, time.perf_counter() - start, workers)
 
 
 @dataclass(frozen=True)

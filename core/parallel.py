@@ -154,11 +154,3 @@ def chunked(items: Sequence[T], num_chunks: int) -> list[list[T]]:
         chunks.append(list(items[start:end]))
         start = end
     return [c for c in chunks if c]
-
-
-def sum_over_chunks(fn: Callable[[list[T]], int], items: Sequence[T], num_workers: int, desc: str) -> tuple[int, int]:
-    """``fn`` over about eight chunks of ``items`` a worker (:func:`parallel_map`); returns the sum of its counts and
-    the number of workers that had a chunk (at least 1)."""
-    chunks = chunked(items, max(1, num_workers) * 8) if items else []
-    total = sum(parallel_map(fn, chunks, num_workers, desc=desc))
-    return total, max(1, min(num_workers, len(chunks)))

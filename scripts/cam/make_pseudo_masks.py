@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
+from core import cli, inference, manifest, paths, runtime
+from core.artifacts import PNG_SUFFIX, check_writable
 from core.cam import pseudo_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.parallel import sum_over_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +145,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with runtime.stage_run(
         args, "cam", __file__, out, inputs, runtime.data_context(args), outputs=out.glob(f"*{PNG_SUFFIX}")
     ) as run:
-        mine = distributed.shard(source.ids, run.dist.rank, run.dist.world_size)
-        todo = pending_ids(mine, out, PNG_SUFFIX)
-        logger.info(
-            "pseudo masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
-        )
-        start = time.perf_counter()
         writer = functools.partial(pseudo_masks.write_pseudo_masks, job)
-        written, _ = sum_over_chunks(writer, todo, args.num_workers, "pseudo masks")
-        seconds = time.perf_counter() - start
-        filled = len([i for i in todo if i in job.background_only and job.cam_file(i) is None])
-        logger.info("wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", written, seconds, filled, out)
-        run.counts = {"written": written, "skipped": len(mine) - len(todo), "filled": filled}
+        pool = inference.run_over_chunks(
+            writer, source.ids, out, PNG_SUFFIX, dist=run.dist, num_workers=args.num_workers,
+            desc="pseudo masks", log=logger, source_dir=cams,
+        )  # fmt: skip
+        filled = len([i for i in pool.todo if i in job.background_only and job.cam_file(i) is None])
+        logger.info(
+            "wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", pool.written, pool.seconds, filled, out
+        )
+        run.counts = {"written": pool.written, "skipped": pool.skipped, "filled": filled}
         return {**run.counts, "out_dir": str(out)}
 
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
+from core import cli, inference, manifest, paths, runtime
+from core.artifacts import PNG_SUFFIX, check_writable
 from core.ccam import saliency_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.parallel import sum_over_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +127,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with runtime.stage_run(
         args, "ccam", __file__, out, inputs, runtime.data_context(args), outputs=out.glob(f"*{PNG_SUFFIX}")
     ) as run:
-        mine = distributed.shard(source.ids, run.dist.rank, run.dist.world_size)
-        todo = pending_ids(mine, out, PNG_SUFFIX)
-        logger.info(
-            "saliency masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
-        )
-        start = time.perf_counter()
         writer = functools.partial(saliency_masks.write_saliency_masks, job)
-        written, workers = sum_over_chunks(writer, todo, args.num_workers, "saliency masks")
-        seconds = time.perf_counter() - start
-        zeros = len([i for i in todo if i in job.background_only])
+        pool = inference.run_over_chunks(
+            writer, source.ids, out, PNG_SUFFIX, dist=run.dist, num_workers=args.num_workers,
+            desc="saliency masks", log=logger, source_dir=cams,
+        )  # fmt: skip
+        written, seconds, workers = pool.written, pool.seconds, pool.workers
+        zeros = len([i for i in pool.todo if i in job.background_only])
         logger.info(
             "wrote %d saliency masks in %.1f s (%.2f images/s, %.2f per worker on %d) to %s; %d background-only "
             "images got an all-zero mask",
@@ -150,7 +145,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             out,
             zeros,
         )
-        run.counts = {"written": written, "skipped": len(mine) - len(todo), "background_only": zeros}
+        run.counts = {"written": written, "skipped": pool.skipped, "background_only": zeros}
         return {**run.counts, "out_dir": str(out), "seconds": seconds}
 
 
