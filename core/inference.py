@@ -257,10 +257,11 @@ def run_over_images(
             raise RuntimeError(f"{desc}: the writer returned without creating {out_dir / (item['id'] + suffix)}")
         written += 1
     seconds = time.perf_counter() - start
-    return _gather_summary(written, len(mine) - len(todo), seconds)
+    return gather_summary(written, len(mine) - len(todo), seconds)
 
 
-def _gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
+def gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
+    """This rank's counts summed over ranks, its seconds averaged (every rank must call it)."""
     if not distributed.is_distributed():
         return LoopSummary(written, skipped, seconds)
     counts = distributed.all_reduce_sum_(torch.tensor([written, skipped], dtype=torch.float64))
