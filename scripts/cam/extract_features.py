@@ -33,7 +33,7 @@ from core.cam import subcategory, training
 from core.cam.subcategory import FeatureFile
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.models import BACKBONES, load_classifier_weights
+from core.models import BACKBONES
 from core.precision import compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return {"features_path": str(out_file), "images": len(labels), "skipped": True}
         fmt = compute_format(bool(args.mixed_precision), run.device)
         log_compute_format(fmt, "feature extraction")
-        model = training.classifier_from_flags(args, source.num_classes)
-        load_classifier_weights(model, weights, trusted=args.trust_checkpoint, weights_flag="--weights")
-        model = model.to(run.device).eval()
+        model = training.trained_classifier(args, source.num_classes, weights, run.device)
         ids = list(labels)
         features = subcategory.extract_features(
             model, source, ids, run.device, batch_size=args.batch_size, image_size=args.image_size or None,

@@ -34,7 +34,7 @@ from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
 from core.labels import foreground_keys
-from core.models import BACKBONES, load_classifier_weights
+from core.models import BACKBONES
 from core.precision import ComputeFormat, compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,7 @@ def build_model(
     args: argparse.Namespace, num_classes: int, device: torch.device, path: Path, fmt: ComputeFormat
 ) -> nn.Module:
     """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode (and ``fmt``'s layout)."""
-    model = training.classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
-    model = model.to(device).eval()
+    model = training.trained_classifier(args, num_classes, path, device)
     return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 
