@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import WSSSError
-from core.models import build_recorded_backbone, group_parameters
+from core.models import build_backbone, group_parameters
 from core.models.initialization import DEFAULT_SCRATCH_INIT
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,11 @@ class CCAM(nn.Module):
         stage4_out_features: int | None = None,
     ) -> None:
         super().__init__()
-        self.backbone, settings = build_recorded_backbone(
+        self.backbone = build_backbone(
             architecture,
-            backbone_weights=backbone_weights,
-            mode=mode,
+            weights=backbone_weights,
             dilated=dilated,
+            mode=mode,
             trainable_stem=trainable_stem,
             trainable_backbone=trainable_backbone,
             scratch_init=scratch_init,
@@ -121,7 +121,15 @@ class CCAM(nn.Module):
             )
         self.ac_head = Disentangler(layer3 + self.backbone.out_channels)
         self.register_buffer("inverted", torch.zeros(()))
-        self.model_kwargs: dict[str, Any] = {"architecture": architecture, **settings, "stage4_out_features": layer3}
+        self.model_kwargs: dict[str, Any] = {
+            "architecture": architecture,
+            "backbone_weights": "none",
+            "mode": mode,
+            "dilated": bool(dilated),
+            "trainable_stem": bool(trainable_stem),
+            "trainable_backbone": bool(trainable_backbone),
+            "stage4_out_features": layer3,
+        }
 
     @property
     def is_inverted(self) -> bool:

@@ -211,37 +211,6 @@ def build_backbone(
     return backbone
 
 
-def build_recorded_backbone(
-    name: str,
-    *,
-    backbone_weights: str | os.PathLike | None = "none",
-    mode: str = "normal",
-    dilated: bool = False,
-    trainable_stem: bool = True,
-    trainable_backbone: bool = True,
-    scratch_init: str = DEFAULT_SCRATCH_INIT,
-) -> tuple[Backbone, dict[str, Any]]:
-    """:func:`build_backbone` for a network's ``model_kwargs``: the backbone, and the settings of it that rebuild the
-    network before a checkpoint is loaded (``backbone_weights`` ``"none"``: the checkpoint holds every weight)."""
-    backbone = build_backbone(
-        name,
-        weights=backbone_weights,
-        dilated=dilated,
-        mode=mode,
-        trainable_stem=trainable_stem,
-        trainable_backbone=trainable_backbone,
-        scratch_init=scratch_init,
-    )
-    settings = {
-        "backbone_weights": "none",
-        "mode": mode,
-        "dilated": bool(dilated),
-        "trainable_stem": bool(trainable_stem),
-        "trainable_backbone": bool(trainable_backbone),
-    }
-    return backbone, settings
-
-
 def load_backbone_weights(backbone: Backbone, weights: str | os.PathLike | None) -> None:
     """Fill ``backbone`` from ``"none"`` (keep the random init), ``"imagenet"`` or a file (see build_backbone)."""
     if is_random(weights):

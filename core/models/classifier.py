@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import WSSSError
-from core.models.backbones import HiddenMix, build_recorded_backbone, group_parameters
+from core.models.backbones import HiddenMix, build_backbone, group_parameters
 from core.models.initialization import DEFAULT_SCRATCH_INIT
 
 logger = logging.getLogger(__name__)
@@ -53,16 +53,24 @@ class Classifier(nn.Module):
         super().__init__()
         if int(num_classes) < 1:
             raise WSSSError(f"--num_classes must be at least 1, got {num_classes}")
-        self.backbone, settings = build_recorded_backbone(
+        self.model_kwargs: dict[str, Any] = {
+            "architecture": architecture,
+            "num_classes": int(num_classes),
+            "backbone_weights": "none",
+            "mode": mode,
+            "dilated": bool(dilated),
+            "trainable_stem": bool(trainable_stem),
+            "trainable_backbone": bool(trainable_backbone),
+        }
+        self.backbone = build_backbone(
             architecture,
-            backbone_weights=backbone_weights,
-            mode=mode,
+            weights=backbone_weights,
             dilated=dilated,
+            mode=mode,
             trainable_stem=trainable_stem,
             trainable_backbone=trainable_backbone,
             scratch_init=scratch_init,
         )
-        self.model_kwargs: dict[str, Any] = {"architecture": architecture, "num_classes": int(num_classes), **settings}
         self.classifier = nn.Conv2d(self.backbone.out_channels, int(num_classes), kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
         self.num_classes = int(num_classes)
