@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from core.errors import WSSSError
+from core.parallel import default_num_workers
+from core.paths import PREDICTIONS_DIR
 
 DATASETS = ("voc12", "coco14", "custom")
 
@@ -199,6 +201,37 @@ def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> 
         default=None,
         help="custom dataset: class-names file (default <data_dir>/classes.txt)",
     )
+    return group
+
+
+def add_run_weights_args(group: Any, weights_help: str, *weights_aliases: str) -> None:
+    """``--tag`` (names the output folder), ``--weights`` (default: the tag's) and ``--trust_checkpoint``."""
+    add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
+    add_arg(group, "--weights", *weights_aliases, type=str, default=None, help=weights_help)
+    add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
+
+
+def add_cam_folder_args(parser: argparse.ArgumentParser, what: str, producer: str) -> argparse._ArgumentGroup:
+    """The "cams" group of a stage reading a CAM folder: ``--experiment_name``, ``--pred_dir``, ``--allow_pickle``."""
+    group = parser.add_argument_group("cams")
+    add_arg(
+        group,
+        "--experiment_name",
+        type=str,
+        default=None,
+        help=f"{what} {PREDICTIONS_DIR}/<name> (as written by {producer})",
+    )
+    add_arg(group, "--pred_dir", type=str, default=None, help="CAM folder (overrides --experiment_name)")
+    add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
+    return group
+
+
+def add_pool_output_args(parser: argparse.ArgumentParser, output_help: str) -> argparse._ArgumentGroup:
+    """The "output" group of a stage that writes in a worker pool: ``--output``, ``--overwrite``, ``--num_workers``."""
+    group = parser.add_argument_group("output")
+    add_arg(group, "--output", type=str, default=None, help=output_help)
+    add_overwrite_arg(group)
+    add_arg(group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))")
     return group
 
 

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core import artifacts, distributed
-from core.errors import WSSSError
+from core.errors import WSSSError, first_ids
+from core.parallel import chunked, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,87 @@ def split_background_only(labels: Mapping[str, np.ndarray]) -> tuple[list[str], 
     with_fg = [i for i, label in labels.items() if np.any(np.asarray(label) > 0)]
     keep = set(with_fg)
     return with_fg, [i for i in labels if i not in keep]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jobs over a CAM folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    """What :func:`run_over_chunks` did on this rank.
+
+    Attributes:
+        todo: ids of this rank's shard that had no output yet (all written now).
+        skipped: ids of the shard whose output already existed.
+        written: the sum of the writer's counts.
+        seconds: wall time of the pool.
+        workers: processes that had a chunk (at least 1).
+    """
+
+    todo: list[str]
+    skipped: int
+    written: int
+    seconds: float
+    workers: int
+
+
+def run_over_chunks(
+    fn: Callable[[list[str]], int],
+    ids: Sequence[str],
+    out_dir: Path,
+    suffix: str,
+    *,
+    dist: Any,
+    num_workers: int,
+    desc: str,
+    log: logging.Logger,
+    source_dir: Path,
+) -> PoolSummary:
+    """Run ``fn`` (writes the files of a chunk of ids, returns how many) over the ids of this rank's shard whose
+    ``<out_dir>/<id><suffix>`` does not exist yet, in a process pool; ``log`` (the stage's logger) first announces
+    ``"<desc> of N ids (M done before) from <source_dir> -> <out_dir>"``. ``dist``: the run's ``rank`` and
+    ``world_size``."""
+    mine = distributed.shard(list(ids), dist.rank, dist.world_size)
+    todo = artifacts.pending_ids(mine, out_dir, suffix)
+    log.info("%s of %d ids (%d done before) from %s -> %s", desc, len(todo), len(mine) - len(todo), source_dir, out_dir)
+    start = time.perf_counter()
+    chunks = chunked(todo, max(1, num_workers) * 8) if todo else []  # about eight chunks a worker
+    written = sum(parallel_map(fn, chunks, num_workers, desc=desc))
+    workers = max(1, min(num_workers, len(chunks)))
+    return PoolSummary(todo, len(mine) - len(todo), written, time.perf_counter() - start, workers)
+
+
+@dataclass(frozen=True)
+class CamFolderJob:
+    """What every stage that turns a CAM folder into per-image files sends once to each worker process.
+
+    Attributes:
+        source: data source (``read_image``, ``image_size``, ...).
+        cam_dir: folder of ``<id>.npz`` (or legacy ``<id>.npy``) CAM files.
+        out_dir: folder of the per-image outputs.
+        allow_pickle: read legacy pickled ``.npy`` CAM files.
+        background_only: ids whose image-level label has no foreground class; they need no CAM file.
+    """
+
+    source: Any
+    cam_dir: Path
+    out_dir: Path
+    allow_pickle: bool = False
+    background_only: frozenset[str] = frozenset()
+
+    def cam_file(self, image_id: str) -> Path | None:
+        """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
+        return artifacts.find_cam_file(self.cam_dir, image_id)
+
+    def missing_cam_files(self, ids: Sequence[str]) -> list[str]:
+        """Ids that have neither a CAM file nor a background-only label."""
+        return [i for i in ids if i not in self.background_only and self.cam_file(i) is None]
+
+    def describe_missing(self, missing: Sequence[str], total: int) -> str:
+        """``"3 of 24 CAM files missing in DIR (first: a, b, c, ...)"``."""
+        return f"{len(missing)} of {total} CAM files missing in {self.cam_dir} (first: {first_ids(missing)})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,10 +257,11 @@ def run_over_images(
             raise RuntimeError(f"{desc}: the writer returned without creating {out_dir / (item['id'] + suffix)}")
         written += 1
     seconds = time.perf_counter() - start
-    return _gather_summary(written, len(mine) - len(todo), seconds)
+    return gather_summary(written, len(mine) - len(todo), seconds)
 
 
-def _gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
+def gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
+    """This rank's counts summed over ranks, its seconds averaged (every rank must call it)."""
     if not distributed.is_distributed():
         return LoopSummary(written, skipped, seconds)
     counts = distributed.all_reduce_sum_(torch.tensor([written, skipped], dtype=torch.float64))

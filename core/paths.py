@@ -64,6 +64,14 @@ def weights_path(name: str, root: str | Path = MODELS_DIR) -> Path:
     return Path(name) if str(name).endswith(WEIGHTS_SUFFIX) else final_weights_path(name, root)
 
 
+def existing_weights_path(name: str, train_hint: str) -> Path:
+    """:func:`weights_path` that must exist; the error says ``train_hint`` (how to train them) or to fix --weights."""
+    path = weights_path(name)
+    if not path.is_file():
+        raise WSSSError(f"weights {path} not found; {train_hint} or pass --weights TAG_OR_PTH")
+    return path
+
+
 def format_scales(scales: Sequence[float]) -> str:
     """``[0.5, 1, 1.5, 2]`` -> ``"0.5,1.0,1.5,2.0"`` (the spelling of the reference's folder names)."""
     return ",".join(str(float(s)) for s in scales)
@@ -101,6 +109,14 @@ def named_predictions_dir(experiment_name: str | None, pred_dir: str | None, wha
     if experiment_name:
         return PREDICTIONS_DIR / experiment_name
     raise WSSSError(f"no {what} given; pass --experiment_name NAME or --pred_dir DIR")
+
+
+def existing_predictions_dir(experiment_name: str | None, pred_dir: str | None, what: str, producer: str) -> Path:
+    """:func:`named_predictions_dir` that must exist; the error names ``producer``, the script that writes it."""
+    folder = named_predictions_dir(experiment_name, pred_dir, what=what)
+    if not folder.is_dir():
+        raise WSSSError(f"{what} {folder} does not exist; run {producer} first or fix --pred_dir")
+    return folder
 
 
 def evaluation_dir(pred_dir: str | Path, root: str | Path = RESULTS_DIR) -> Path:

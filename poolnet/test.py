@@ -138,12 +138,7 @@ def write_saliency(
         ):
             save_saliency(out_dir / f"{image_id}{PNG_SUFFIX}", saliency)
             written += 1
-    seconds = time.perf_counter() - start
-    if not distributed.is_distributed():
-        return inference.LoopSummary(written, done, seconds)
-    counts = distributed.all_reduce_sum_(torch.tensor([written, done], dtype=torch.float64))
-    seconds = distributed.all_reduce_mean({"seconds": seconds})["seconds"]
-    return inference.LoopSummary(int(counts[0]), int(counts[1]), seconds)
+    return inference.gather_summary(written, done, time.perf_counter() - start)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

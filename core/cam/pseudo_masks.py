@@ -9,45 +9,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from core import artifacts
-from core.errors import WSSSError, first_ids
+from core.errors import WSSSError
+from core.inference import CamFolderJob
 from core.labels import pseudo_mask
 
 
 @dataclass(frozen=True)
-class PseudoMaskJob:
-    """Settings of a pseudo-mask run, sent once to each worker process.
+class PseudoMaskJob(CamFolderJob):
+    """Settings of a pseudo-mask run, sent once to each worker process (``source``: ``read_image``, ``image_path``,
+    ``palette``, ``num_classes``; ``out_dir``: the ``<id>.png`` label maps; ``background_only`` ids get an all-zero
+    mask without a CAM file).
 
     Attributes:
-        source: data source (``read_image``, ``image_path``, ``palette``, ``num_classes``).
-        cam_dir: folder of ``<id>.npz`` (or legacy ``<id>.npy``) CAM files.
-        out_dir: folder of the ``<id>.png`` label maps.
         threshold: background score (foreground threshold of the band).
         bg_threshold: lower threshold of the uncertain band, or None.
         sal_dir: folder of saliency PNGs (background = 1 - saliency), or None.
         crf_t, crf_gt_prob: label CRF.
-        allow_pickle: read legacy pickled ``.npy`` CAM files.
-        background_only: ids without any foreground class; they get an all-zero mask without a CAM file.
     """
 
-    source: Any
-    cam_dir: Path
-    out_dir: Path
     threshold: float = 0.25
     bg_threshold: float | None = None
     sal_dir: Path | None = None
     crf_t: int = 0
     crf_gt_prob: float = 0.7
-    allow_pickle: bool = False
-    background_only: frozenset[str] = frozenset()
-
-    def cam_file(self, image_id: str) -> Path | None:
-        """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
-        return artifacts.find_cam_file(self.cam_dir, image_id)
 
     def label_map(self, image_id: str) -> np.ndarray:
         """The pseudo mask of one id: uint8 [H, W], values in {0..C, 255}."""
@@ -94,13 +82,3 @@ def write_pseudo_masks(job: PseudoMaskJob, ids: Sequence[str]) -> int:
             job.out_dir / f"{image_id}{artifacts.PNG_SUFFIX}", job.label_map(image_id), palette=job.source.palette
         )
     return len(ids)
-
-
-def missing_cam_files(job: PseudoMaskJob, ids: Sequence[str]) -> list[str]:
-    """Ids that have neither a CAM file nor a background-only label (they cannot get a mask)."""
-    return [i for i in ids if i not in job.background_only and job.cam_file(i) is None]
-
-
-def describe_missing(missing: Sequence[str], total: int, folder: Path) -> str:
-    """``"3 of 24 CAM files missing in DIR (first: a, b, c, ...)"``."""
-    return f"{len(missing)} of {total} CAM files missing in {folder} (first: {first_ids(missing)})"

@@ -178,6 +178,16 @@ def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_
     )
 
 
+def trained_classifier(
+    args: argparse.Namespace, num_classes: int, path: str | os.PathLike, device: torch.device
+) -> Classifier:
+    """The classifier of the network flags with the weights of ``path`` (named by ``--weights`` in errors;
+    ``--trust_checkpoint``), on ``device``, in eval mode: what the inference-like scripts run."""
+    model = classifier_from_flags(args, num_classes)
+    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
+    return model.to(device).eval()
+
+
 def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
     """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
     model = classifier_from_flags(args, num_classes, args.trainable_backbone)

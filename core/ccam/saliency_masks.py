@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from core import artifacts
 from core.crf import crf_inference_labels, crf_inference_probs
 from core.errors import WSSSError
+from core.inference import CamFolderJob
 from core.labels import compact_labels
 
 ACTIVATIONS = ("relu", "sigmoid")
@@ -30,34 +29,21 @@ FOREGROUND = 255
 
 
 @dataclass(frozen=True)
-class SaliencyMaskJob:
-    """Settings of a saliency-mask run, sent once to each worker process.
+class SaliencyMaskJob(CamFolderJob):
+    """Settings of a saliency-mask run, sent once to each worker process (``cam_dir``: one-plane CAM files;
+    ``out_dir``: the ``<id>.png`` masks; ``background_only`` ids get all-zero masks, no CAM file needed).
 
     Attributes:
-        source: data source (``read_image``, ``image_size``).
-        cam_dir: folder of ``<id>.npz`` (or legacy ``<id>.npy``) one-plane CAM files.
-        out_dir: folder of the ``<id>.png`` masks.
         threshold: relu activation: foreground where the map > threshold.
         activation: ``relu`` or ``sigmoid`` (see the module docstring).
         crf_t: CRF iterations (0 = off).
         crf_gt_prob: label-CRF confidence in the thresholded map, in (0, 1).
-        allow_pickle: read legacy pickled ``.npy`` CAM files.
-        background_only: ids whose image-level label has no foreground class (all-zero masks, no CAM file needed).
     """
 
-    source: Any
-    cam_dir: Path
-    out_dir: Path
     threshold: float = 0.3
     activation: str = "relu"
     crf_t: int = 0
     crf_gt_prob: float = 0.7
-    allow_pickle: bool = False
-    background_only: frozenset[str] = frozenset()
-
-    def cam_file(self, image_id: str) -> Path | None:
-        """The CAM file of ``image_id`` (``.npz`` preferred, legacy ``.npy`` accepted), or None."""
-        return artifacts.find_cam_file(self.cam_dir, image_id)
 
     def foreground_map(self, image_id: str) -> np.ndarray:
         """float32 [H, W] in [0, 1], the C²AM foreground map of one id (checked against the image's size)."""
@@ -133,8 +119,3 @@ def write_saliency_masks(job: SaliencyMaskJob, ids: Sequence[str]) -> int:
     for image_id in ids:
         artifacts.save_saliency(job.out_dir / f"{image_id}{artifacts.PNG_SUFFIX}", job.mask(image_id))
     return len(ids)
-
-
-def missing_cam_files(job: SaliencyMaskJob, ids: Sequence[str]) -> list[str]:
-    """Ids that need a CAM file (they have a foreground class) and have none."""
-    return [i for i in ids if i not in job.background_only and job.cam_file(i) is None]

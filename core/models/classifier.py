@@ -90,7 +90,8 @@ class Classifier(nn.Module):
             logits float [B, C] (unbounded), or (logits, cams) with cams float [B, C, h, w] raw (unbounded, not
             ReLU'd or normalised), h = ceil(H / output_stride).
         """
-        features = self.backbone(x, hidden_mix)[-1]
+        # Only the ResNet backbones take the hook; a ViT (an SC-CAM teacher) is called without it.
+        features = (self.backbone(x) if hidden_mix is None else self.backbone(x, hidden_mix))[-1]
         cams = self.classifier(features)
         # Mean of the maps equals the conv of the pooled features (linear, bias-free head), so one path serves both.
         logits = cams.mean(dim=(2, 3))

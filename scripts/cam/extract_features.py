@@ -33,7 +33,7 @@ from core.cam import subcategory, training
 from core.cam.subcategory import FeatureFile
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.models import BACKBONES, load_classifier_weights
+from core.models import BACKBONES
 from core.precision import compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
@@ -56,15 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         group, "--mode", type=str, default="normal", choices=("normal", "fix"), help="BatchNorm mode of the run"
     )
     cli.add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16 (as the run was trained)")
-    cli.add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
-    cli.add_arg(
-        group,
-        "--weights",
-        type=str,
-        default=None,
-        help="weights tag or .pth path (default: experiments/models/<tag>.pth)",
-    )
-    cli.add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
+    cli.add_run_weights_args(group, "weights tag or .pth path (default: experiments/models/<tag>.pth)")
     group = parser.add_argument_group("features")
     cli.add_arg(group, "--image_size", type=int, default=0, help="resize every image to N x N (0 = original size)")
     cli.add_arg(group, "--batch_size", type=cli.positive_int, default=16, help="images per forward pass")
@@ -84,10 +76,7 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def weights_path(args: argparse.Namespace) -> Path:
-    path = paths.weights_path(args.weights or args.tag)
-    if not path.is_file():
-        raise WSSSError(f"weights {path} not found; train the model first or pass --weights TAG_OR_PTH")
-    return path
+    return paths.existing_weights_path(args.weights or args.tag, "train the model first")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,9 +106,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return {"features_path": str(out_file), "images": len(labels), "skipped": True}
         fmt = compute_format(bool(args.mixed_precision), run.device)
         log_compute_format(fmt, "feature extraction")
-        model = training.classifier_from_flags(args, source.num_classes)
-        load_classifier_weights(model, weights, trusted=args.trust_checkpoint, weights_flag="--weights")
-        model = model.to(run.device).eval()
+        model = training.trained_classifier(args, source.num_classes, weights, run.device)
         ids = list(labels)
         features = subcategory.extract_features(
             model, source, ids, run.device, batch_size=args.batch_size, image_size=args.image_size or None,

@@ -34,7 +34,7 @@ from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
 from core.labels import foreground_keys
-from core.models import BACKBONES, load_classifier_weights
+from core.models import BACKBONES
 from core.precision import ComputeFormat, compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
@@ -68,15 +68,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         choices=("none",),
         help="accepted for command-line compatibility (only none)",
     )
-    cli.add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
-    cli.add_arg(
-        group,
-        "--weights",
-        type=str,
-        default=None,
-        help="weights tag (experiments/models/<weights>.pth) or a .pth path (default: --tag)",
-    )
-    cli.add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
+    cli.add_run_weights_args(group, "weights tag (experiments/models/<weights>.pth) or a .pth path (default: --tag)")
     group = parser.add_argument_group("inference")
     cli.add_arg(group, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="comma-separated scales")
     cli.add_arg(
@@ -112,22 +104,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def weights_path(args: argparse.Namespace) -> Path:
     """``--weights`` as a ``.pth`` path, else ``experiments/models/<weights or tag>.pth``; must exist."""
     name = args.weights or args.tag
-    path = paths.weights_path(name)
-    if not path.is_file():
-        raise WSSSError(
-            f"weights {path} not found; train them first (e.g. python scripts/cam/train_pnoc.py --tag {name}) "
-            "or pass --weights TAG_OR_PTH"
-        )
-    return path
+    return paths.existing_weights_path(name, f"train them first (e.g. python scripts/cam/train_pnoc.py --tag {name})")
 
 
 def build_model(
     args: argparse.Namespace, num_classes: int, device: torch.device, path: Path, fmt: ComputeFormat
 ) -> nn.Module:
     """The classifier of the flags with the weights of ``path``, on ``device``, in eval mode (and ``fmt``'s layout)."""
-    model = training.classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
-    model = model.to(device).eval()
+    model = training.trained_classifier(args, num_classes, path, device)
     return model.to(memory_format=torch.channels_last) if fmt.channels_last else model
 
 

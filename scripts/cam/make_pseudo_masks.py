@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
+from core import cli, inference, manifest, paths, runtime
+from core.artifacts import PNG_SUFFIX, check_writable
 from core.cam import pseudo_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.parallel import chunked, default_num_workers, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +39,7 @@ logger = logging.getLogger(__name__)
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("make_pseudo_masks", description=__doc__.splitlines()[0], add_help=add_help)
     cli.add_dataset_args(parser, domain="train")
-    group = parser.add_argument_group("cams")
-    cli.add_arg(
-        group,
-        "--experiment_name",
-        type=str,
-        default=None,
-        help=f"CAM folder {paths.PREDICTIONS_DIR}/<name> (as written by scripts/cam/inference.py)",
-    )
-    cli.add_arg(group, "--pred_dir", type=str, default=None, help="CAM folder (overrides --experiment_name)")
-    cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
+    group = cli.add_cam_folder_args(parser, "CAM folder", "scripts/cam/inference.py")
     cli.add_bool_arg(
         group,
         "--fill_missing_as_background",
@@ -69,21 +58,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_arg(group, "--sal_dir", type=str, default=None, help="background = 1 - <sal_dir>/<id>.png instead")
     cli.add_arg(group, "--crf_t", type=int, default=0, help="label-CRF iterations (0 = off)")
     cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7, help="label-CRF confidence in the CAM labels")
-    group = parser.add_argument_group("output")
-    cli.add_arg(group, "--output", type=str, default=None, help="output folder (default: inside the CAM folder)")
-    cli.add_overwrite_arg(group)
-    cli.add_arg(
-        group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"
-    )
+    cli.add_pool_output_args(parser, "output folder (default: inside the CAM folder)")
     return parser
 
 
 def cam_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<experiment_name>``; must exist."""
-    folder = paths.named_predictions_dir(args.experiment_name, args.pred_dir, what="CAM folder")
-    if not folder.is_dir():
-        raise WSSSError(f"CAM folder {folder} does not exist; run scripts/cam/inference.py first or fix --pred_dir")
-    return folder
+    return paths.existing_predictions_dir(args.experiment_name, args.pred_dir, "CAM folder", "scripts/cam/inference.py")
 
 
 def output_dir(args: argparse.Namespace, cams: Path) -> Path:
@@ -133,13 +114,13 @@ def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids:
     """Every id needs a CAM file (or a background-only fill), with ``--sal_dir`` a saliency map, and the output
     folder must be writable."""
     check_writable(job.out_dir, "--output", folder=True)
-    missing = pseudo_masks.missing_cam_files(job, ids)
+    missing = job.missing_cam_files(ids)
     if missing:
         hint = "" if args.fill_missing_as_background else (
             "; images without a foreground class have none: pass --fill_missing_as_background true for them"
         )  # fmt: skip
         raise WSSSError(
-            f"{pseudo_masks.describe_missing(missing, len(ids), job.cam_dir)}; run scripts/cam/inference.py "
+            f"{job.describe_missing(missing, len(ids))}; run scripts/cam/inference.py "
             f"for --domain {args.domain} first{hint}"
         )
     if job.sal_dir is not None:
@@ -164,19 +145,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with runtime.stage_run(
         args, "cam", __file__, out, inputs, runtime.data_context(args), outputs=out.glob(f"*{PNG_SUFFIX}")
     ) as run:
-        mine = distributed.shard(source.ids, run.dist.rank, run.dist.world_size)
-        todo = pending_ids(mine, out, PNG_SUFFIX)
-        logger.info(
-            "pseudo masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
-        )
-        start = time.perf_counter()
-        chunks = chunked(todo, max(1, args.num_workers) * 8) if todo else []
         writer = functools.partial(pseudo_masks.write_pseudo_masks, job)
-        written = sum(parallel_map(writer, chunks, args.num_workers, desc="pseudo masks"))
-        seconds = time.perf_counter() - start
-        filled = len([i for i in todo if i in job.background_only and job.cam_file(i) is None])
-        logger.info("wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", written, seconds, filled, out)
-        run.counts = {"written": written, "skipped": len(mine) - len(todo), "filled": filled}
+        pool = inference.run_over_chunks(
+            writer, source.ids, out, PNG_SUFFIX, dist=run.dist, num_workers=args.num_workers,
+            desc="pseudo masks", log=logger, source_dir=cams,
+        )  # fmt: skip
+        filled = len([i for i in pool.todo if i in job.background_only and job.cam_file(i) is None])
+        logger.info(
+            "wrote %d pseudo masks in %.1f s (%d background-only fills) to %s", pool.written, pool.seconds, filled, out
+        )
+        run.counts = {"written": pool.written, "skipped": pool.skipped, "filled": filled}
         return {**run.counts, "out_dir": str(out)}
 
 

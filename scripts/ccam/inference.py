@@ -47,17 +47,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ccam_inference", description=__doc__.splitlines()[0], add_help=add_help)
     cli.add_dataset_args(parser, domain="train")
     group = training.add_network_args(parser, training=False)
-    cli.add_arg(group, "--tag", type=str, required=True, help="run name; names the output folder")
-    cli.add_arg(
+    cli.add_run_weights_args(
         group,
-        "--weights",
-        "--pretrained",
-        type=str,
-        default=None,
-        help="weights tag (experiments/models/<weights>.pth) or a .pth path (default: --tag; --pretrained is the "
+        "weights tag (experiments/models/<weights>.pth) or a .pth path (default: --tag; --pretrained is the "
         "reference's name)",
+        "--pretrained",
     )
-    cli.add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
     group = parser.add_argument_group("inference")
     cli.add_arg(group, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="comma-separated scales")
     cli.add_arg(
@@ -94,13 +89,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def weights_path(args: argparse.Namespace) -> Path:
     """``--weights`` as a ``.pth`` path, else ``experiments/models/<weights or tag>.pth``; must exist."""
     name = args.weights or args.tag
-    path = paths.weights_path(name)
-    if not path.is_file():
-        raise WSSSError(
-            f"weights {path} not found; train them first (python scripts/ccam/train_hints.py --tag {name}) "
-            "or pass --weights TAG_OR_PTH"
-        )
-    return path
+    return paths.existing_weights_path(name, f"train them first (python scripts/ccam/train_hints.py --tag {name})")
 
 
 def output_dir(args: argparse.Namespace) -> Path:

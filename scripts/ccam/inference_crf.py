@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import PNG_SUFFIX, check_writable, pending_ids
+from core import cli, inference, manifest, paths, runtime
+from core.artifacts import PNG_SUFFIX, check_writable
 from core.ccam import saliency_masks
 from core.datasets import source_from_args
-from core.errors import WSSSError, first_ids
-from core.parallel import chunked, default_num_workers, parallel_map
+from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +39,7 @@ logger = logging.getLogger(__name__)
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("inference_crf", description=__doc__.split("\n\n")[0], add_help=add_help)
     cli.add_dataset_args(parser, domain="train")
-    group = parser.add_argument_group("cams")
-    cli.add_arg(
-        group,
-        "--experiment_name",
-        type=str,
-        default=None,
-        help=f"C²AM CAM folder {paths.PREDICTIONS_DIR}/<name> (as written by scripts/ccam/inference.py)",
-    )
-    cli.add_arg(group, "--pred_dir", type=str, default=None, help="CAM folder (overrides --experiment_name)")
-    cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
+    cli.add_cam_folder_args(parser, "C²AM CAM folder", "scripts/ccam/inference.py")
     group = parser.add_argument_group("decoding")
     cli.add_arg(
         group,
@@ -71,21 +60,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         group, "--crf_t", "--crf_iteration", type=int, default=10, help="dense-CRF iterations (default 10; 0 = off)"
     )
     cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7, help="label-CRF confidence in the thresholded map")
-    group = parser.add_argument_group("output")
-    cli.add_arg(group, "--output", type=str, default=None, help="output folder (default: next to the CAM folder)")
-    cli.add_overwrite_arg(group)
-    cli.add_arg(
-        group, "--num_workers", type=int, default=default_num_workers(), help="processes (default min(8, CPUs))"
-    )
+    cli.add_pool_output_args(parser, "output folder (default: next to the CAM folder)")
     return parser
 
 
 def cam_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<experiment_name>``; must exist."""
-    folder = paths.named_predictions_dir(args.experiment_name, args.pred_dir, what="CAM folder")
-    if not folder.is_dir():
-        raise WSSSError(f"CAM folder {folder} does not exist; run scripts/ccam/inference.py first or fix --pred_dir")
-    return folder
+    return paths.existing_predictions_dir(
+        args.experiment_name, args.pred_dir, "CAM folder", "scripts/ccam/inference.py"
+    )
 
 
 def output_dir(args: argparse.Namespace, cams: Path) -> Path:
@@ -125,12 +108,11 @@ def build_job(args: argparse.Namespace, source: Any, cams: Path, out: Path) -> s
 def check_inputs(args: argparse.Namespace, job: saliency_masks.SaliencyMaskJob, ids: list[str]) -> None:
     """Every id with a foreground class needs a CAM file, and the output folder must be writable."""
     check_writable(job.out_dir, "--output", folder=True)
-    missing = saliency_masks.missing_cam_files(job, ids)
+    missing = job.missing_cam_files(ids)
     if missing:
         needed = len(ids) - len(job.background_only)
         raise WSSSError(
-            f"{len(missing)} of {needed} CAM files missing in {job.cam_dir} (first: {first_ids(missing)}); "
-            f"run scripts/ccam/inference.py for --domain {args.domain} first"
+            f"{job.describe_missing(missing, needed)}; run scripts/ccam/inference.py for --domain {args.domain} first"
         )
 
 
@@ -145,18 +127,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with runtime.stage_run(
         args, "ccam", __file__, out, inputs, runtime.data_context(args), outputs=out.glob(f"*{PNG_SUFFIX}")
     ) as run:
-        mine = distributed.shard(source.ids, run.dist.rank, run.dist.world_size)
-        todo = pending_ids(mine, out, PNG_SUFFIX)
-        logger.info(
-            "saliency masks of %d ids (%d done before) from %s -> %s", len(todo), len(mine) - len(todo), cams, out
-        )
-        start = time.perf_counter()
-        chunks = chunked(todo, max(1, args.num_workers) * 8) if todo else []
         writer = functools.partial(saliency_masks.write_saliency_masks, job)
-        written = sum(parallel_map(writer, chunks, args.num_workers, desc="saliency masks"))
-        seconds = time.perf_counter() - start
-        zeros = len([i for i in todo if i in job.background_only])
-        workers = max(1, min(args.num_workers, len(chunks)))
+        pool = inference.run_over_chunks(
+            writer, source.ids, out, PNG_SUFFIX, dist=run.dist, num_workers=args.num_workers,
+            desc="saliency masks", log=logger, source_dir=cams,
+        )  # fmt: skip
+        written, seconds, workers = pool.written, pool.seconds, pool.workers
+        zeros = len([i for i in pool.todo if i in job.background_only])
         logger.info(
             "wrote %d saliency masks in %.1f s (%.2f images/s, %.2f per worker on %d) to %s; %d background-only "
             "images got an all-zero mask",
@@ -168,7 +145,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             out,
             zeros,
         )
-        run.counts = {"written": written, "skipped": len(mine) - len(todo), "background_only": zeros}
+        run.counts = {"written": written, "skipped": pool.skipped, "background_only": zeros}
         return {**run.counts, "out_dir": str(out), "seconds": seconds}
 
 
