@@ -41,7 +41,7 @@ from torch import nn
 
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
-from core.cam import methods
+from core.cam import methods, subcategory
 from core.cam.cams import imagenet_normalize, multiscale_cams, resize_bicubic
 from core.cam.occse import LabelSplitter
 from core.datasets import VOC_CLASSES, build_source
@@ -49,7 +49,7 @@ from core.distributed import DEVICES, resolve_device
 from core.engine import TrainContext, add_training_args
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
-from core.models import BACKBONES, Classifier
+from core.models import BACKBONES, Classifier, SubcategoryClassifier
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
@@ -169,7 +169,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # train and inference (random tensors, random weights)
 # --------------------------------------------------------------------------------------------------------------------
 
-TRAIN_METHODS = tuple(methods.METHOD_PARTS)  # vanilla, puzzle, occse, poc, pnoc
+# vanilla, puzzle, occse, poc, pnoc, the mixing methods (mixup, fmix, manifold) and SC-CAM's sub-category step
+TRAIN_METHODS = (*methods.METHOD_PARTS, "subcategory")
+SUBCLASSES_PER_CLASS = 10  # SC-CAM's k-means K (core.cam.subcategory.DEFAULT_N_CLUSTERS)
 BENCH_CLASSES = 20  # VOC's foreground classes
 
 
@@ -266,7 +268,8 @@ def method_flags(args: argparse.Namespace) -> argparse.Namespace:
     methods.add_puzzle_args(parser)
     methods.add_oc_args(parser)
     methods.add_pnoc_args(parser)
-    flags = parser.parse_args([])
+    subcategory.add_subcategory_args(parser)
+    flags = parser.parse_args(["--subcategories", "random"])  # the table is generated (random_sub_labels)
     flags.label_smoothing = 0.0
     flags.mixed_precision = bool(args.mixed_precision)
     flags.max_epoch = 1
@@ -287,7 +290,9 @@ def build_train_step(
 
     The step is :func:`core.cam.methods.build_step_fn`'s (the function ``core.engine.fit`` calls per batch): forward,
     losses, backward and SGD step of the CAM generator ``cg`` and, for P-NOC, the ordinary classifier's ``oc`` step;
-    OC-CSE and P-OC use a frozen ``oc``.
+    OC-CSE and P-OC use a frozen ``oc``. ``subcategory`` is SC-CAM's step
+    (:func:`core.cam.subcategory.build_subcategory_step`: parent + sub-category loss of a
+    :class:`~core.models.SubcategoryClassifier`, no teacher) on a random id -> sub-label table.
 
     Returns:
         The step (no arguments) and its networks: ``cg`` and, for the OC-CSE family, ``oc``.
@@ -296,6 +301,8 @@ def build_train_step(
     ctx = bench_context(args, flags, device)
     batch = _random_batch(args)
     batch["label"][:, 0] = 1.0  # every image has a class to erase
+    if method == "subcategory":
+        return _subcategory_step(args, flags, ctx, batch)
     cg = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")
     ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
     splitter = None
@@ -307,6 +314,11 @@ def build_train_step(
         ctx.add("oc", oc, torch.optim.SGD(oc.parameters(), lr=1e-4) if trained else None)
         splitter = LabelSplitter(BENCH_CLASSES)
     step_fn = methods.build_step_fn(method, flags, splitter)
+    return engine_step(step_fn, ctx, batch), {name: ctx.module(name) for name in ctx.members}
+
+
+def engine_step(step_fn: Callable[..., Any], ctx: TrainContext, batch: dict[str, Any]) -> Callable[[], None]:
+    """``step_fn(ctx, batch, index)`` as ``core.engine.fit`` calls it, as a call without arguments (index counted)."""
     counter = iter(range(1 << 62))
 
     def step() -> None:
@@ -314,7 +326,33 @@ def build_train_step(
         step_fn(ctx, batch, index)
         ctx.step = index + 1
 
-    return step, {name: ctx.module(name) for name in ctx.members}
+    return step
+
+
+def random_sub_labels(labels: torch.Tensor, ids: list[str], seed: int) -> dict[str, np.ndarray]:
+    """A random id -> sub-label table: one of the :data:`SUBCLASSES_PER_CLASS` sub-classes of each present class."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    for image_id, label in zip(ids, labels.numpy(), strict=True):
+        sub = np.zeros(BENCH_CLASSES * SUBCLASSES_PER_CLASS, dtype=np.float32)
+        for c in np.flatnonzero(label):
+            sub[c * SUBCLASSES_PER_CLASS + rng.integers(SUBCLASSES_PER_CLASS)] = 1.0
+        table[image_id] = sub
+    return table
+
+
+def _subcategory_step(
+    args: argparse.Namespace, flags: argparse.Namespace, ctx: TrainContext, batch: dict[str, Any]
+) -> tuple[Callable[[], None], dict[str, nn.Module]]:
+    """SC-CAM's step (:func:`core.cam.subcategory.build_subcategory_step`, no teacher) on a random sub-label table."""
+    batch["id"] = [f"img_{i:06d}" for i in range(args.batch_size)]
+    table = random_sub_labels(batch["label"], batch["id"], args.seed)
+    cg = SubcategoryClassifier(
+        args.architecture, BENCH_CLASSES, num_subclasses=BENCH_CLASSES * SUBCLASSES_PER_CLASS, backbone_weights="none"
+    )
+    ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
+    step_fn = subcategory.build_subcategory_step(flags, table, None)
+    return engine_step(step_fn, ctx, batch), {"cg": ctx.module("cg")}
 
 
 def _random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -382,7 +420,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,
-        "step_code": "core.cam.methods.build_step_fn",
+        "step_code": "core.cam.methods.build_step_fn (subcategory: core.cam.subcategory.build_subcategory_step)",
         "limit": {
             "what": "forward + backward of the CAM generator on the same batch",
             "images_per_s": round(args.batch_size / limit_s, 3),
