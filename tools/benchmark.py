@@ -535,14 +535,16 @@ SALIENCY_STAGES = ("ccam_train", "ccam_inference", "poolnet_train", "poolnet_tes
 
 def add_saliency_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, size=128)
-    cli.add_arg(parser, "--batch_size", type=int, default=8, help="images per training step and PoolNet test batch")
+    cli.add_arg(
+        parser, "--batch_size", type=cli.positive_int, default=8, help="images per training step and PoolNet test batch"
+    )
     cli.add_arg(parser, "--steps", type=int, default=5, help="timed calls per stage (default 5)")
     cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed calls first (default 1)")
     cli.add_arg(parser, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="C²AM inference scales")
     cli.add_arg(
         parser, "--head_scale", type=float, default=1.0, help="PoolNet head widths (1 = the reference's; 0.25 CPU)"
     )
-    cli.add_arg(parser, "--crf_images", type=int, default=8, help="generated images per timed CRF call (default 8)")
+    cli.add_arg(parser, "--crf_images", type=cli.positive_int, default=8, help="images per CRF call (default 8)")
     cli.add_arg(parser, "--crf_t", type=int, default=10, help="CRF iterations (inference_crf.py's default 10)")
     cli.add_arg(
         parser,
