@@ -106,6 +106,8 @@ def test_evaluate_subcommand_still_runs(capsys):
         (["train", "--methods", "vanilla,magic", "--device", "cpu"], "unknown --methods magic"),
         (["train", "--size", "48", "--methods", "puzzle", "--device", "cpu"], "multiple of 32"),
         (["inference", "--classes", "0", "--device", "cpu"], "--classes must lie in 1..20"),
+        (["saliency", "--stages", "crf,magic", "--device", "cpu"], "unknown --stages magic"),
+        (["saliency", "--stages", "crf", "--crf_t", "0", "--device", "cpu"], "--crf_t 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(argv, message, capsys):
@@ -128,3 +130,40 @@ def test_limits_are_measured_and_bound_their_stage(capsys):
     assert infer["limit"]["images_per_s"] > 0
     assert 0 < infer["pct_of_limit"] < 150 and 0 < infer["file_pct_of_limit"] < 150
     assert infer["file_images_per_s"] > 0
+
+
+def test_subcategory_step_trains_the_sub_category_head(capsys):
+    args = benchmark.get_args_parser().parse_args(["train", "--size", "64", "--batch_size", "2", "--device", "cpu"])
+    step, models = benchmark.build_train_step("subcategory", args, torch.device("cpu"))
+    before = models["cg"].sub_classifier.weight.detach().clone()
+    step()
+    assert set(models) == {"cg"} and not torch.equal(models["cg"].sub_classifier.weight, before)
+    result = run_json(
+        ["train", "--size", "64", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--methods", "subcategory"]
+        + ["--device", "cpu", "--threads", "1"],
+        capsys,
+    )
+    timing = result["methods"]["subcategory"]
+    assert timing["images_per_s"] > 0 and timing["pct_of_limit"] > 0 and result["limit"]["images_per_s"] > 0
+
+
+def test_random_sub_labels_pick_one_sub_class_of_each_present_class():
+    labels = torch.zeros(2, benchmark.BENCH_CLASSES)
+    labels[0, [0, 5]] = 1.0
+    table = benchmark.random_sub_labels(labels, ["a", "b"], seed=0)
+    k = benchmark.SUBCLASSES_PER_CLASS
+    assert table["a"].shape == (benchmark.BENCH_CLASSES * k,) and table["a"].sum() == 2 and table["b"].sum() == 0
+    assert table["a"][:k].sum() == 1 and table["a"][5 * k : 6 * k].sum() == 1
+
+
+def test_saliency_reports_every_stage_beside_its_limit(capsys):
+    result = run_json(
+        ["saliency", "--size", "64", "--batch_size", "2", "--steps", "1", "--warmup", "0", "--head_scale", "0.25"]
+        + ["--crf_images", "2", "--crf_t", "2", "--device", "cpu", "--threads", "1"],
+        capsys,
+    )
+    assert result["benchmark"] == "saliency" and set(result["stages"]) == set(benchmark.SALIENCY_STAGES)
+    for name, stage in result["stages"].items():
+        assert stage["images_per_s"] > 0 and stage["limit"]["images_per_s"] > 0 and stage["pct_of_limit"] > 0, name
+        assert stage["images_per_s"] == pytest.approx(1000 / stage["ms_per_image"], rel=0.01)
+        assert stage["limit"]["what"]

@@ -3,13 +3,20 @@
     evaluate   N random VOC-sized CAM files + GT PNGs: time (a) only reading every CAM file and GT PNG, and
                (b) the full threshold sweep of core.evaluation, with the same worker count. The sweep should cost
                at most 1.5x the reading (it is one pass over the files).
-    train      images/s of one training step of each CAM method (vanilla, puzzle, occse, poc, pnoc) on a random
-               batch, through the training scripts' step code (core.cam.methods); warm-up steps excluded. Beside it
-               the limit measured on the spot: one forward + backward of the same network and batch, nothing else
-               (timed alternately with the steps, medians), and the step's share of it (pct_of_limit).
+    train      images/s of one training step of each CAM method (vanilla, puzzle, occse, poc, pnoc, mixup, fmix,
+               manifold, subcategory = SC-CAM) on a random batch, through the training scripts' step code
+               (core.cam.methods, core.cam.subcategory); warm-up steps excluded. Beside it the limit measured on the
+               spot: one forward + backward of the same network and batch, nothing else (timed alternately with the
+               steps, medians), and the step's share of it (pct_of_limit).
     inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images), of a whole
                CAM file (the same plus save_cam), and the limit: the forward passes of the same scales and flips
                of the same images on prepared batches, nothing else (timed alternately, medians).
+    saliency   images/s of the saliency stages, each beside its limit (stages.<name>.limit, pct_of_limit):
+               ccam_train (C²AM-H step; limit: forward + backward of the C²AM network), ccam_inference (one image,
+               --scales + flip, relu, averaged; limit: the bare forward passes), poolnet_train (PoolNet step, Adam,
+               --head_scale; limit: forward + backward), poolnet_test (a batch; limit: the bare forward), crf (saliency
+               masks of generated --size images in one process: read, threshold, 2-label CRF of --crf_t iterations,
+               write; limit: the same CRFs on arrays in memory; images/s per worker).
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -20,6 +27,7 @@ Example:
     python tools/benchmark.py train --architecture resnet50 --size 320 --batch_size 8 --steps 5 --device cuda \
         --mixed_precision --channels_last
     python tools/benchmark.py inference --architecture resnet50 --size 320 --scales 0.5,1.0,1.5,2.0 --images 8
+    python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
 """
 
 from __future__ import annotations
@@ -37,22 +45,32 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
-from core.cam import methods
+from core.cam import methods, subcategory
 from core.cam.cams import imagenet_normalize, multiscale_cams, resize_bicubic
 from core.cam.occse import LabelSplitter
+from core.ccam import training as ccam_training
+from core.ccam.network import CCAM
+from core.ccam.saliency_masks import SaliencyMaskJob, write_saliency_masks
+from core.crf import crf_inference_labels
 from core.datasets import VOC_CLASSES, build_source
 from core.distributed import DEVICES, resolve_device
 from core.engine import TrainContext, add_training_args
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
-from core.models import BACKBONES, Classifier
+from core.labels import compact_labels
+from core.models import BACKBONES, Classifier, SubcategoryClassifier
+from core.optim import build_optimizer, build_param_groups
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
+from poolnet import test as poolnet_test
+from poolnet import train as poolnet_train
+from poolnet.model import PoolNet
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +187,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # train and inference (random tensors, random weights)
 # --------------------------------------------------------------------------------------------------------------------
 
-TRAIN_METHODS = tuple(methods.METHOD_PARTS)  # vanilla, puzzle, occse, poc, pnoc
+# vanilla, puzzle, occse, poc, pnoc, the mixing methods (mixup, fmix, manifold) and SC-CAM's sub-category step
+TRAIN_METHODS = (*methods.METHOD_PARTS, "subcategory")
+SUBCLASSES_PER_CLASS = 10  # SC-CAM's k-means K (core.cam.subcategory.DEFAULT_N_CLUSTERS)
 BENCH_CLASSES = 20  # VOC's foreground classes
 
 
@@ -266,7 +286,8 @@ def method_flags(args: argparse.Namespace) -> argparse.Namespace:
     methods.add_puzzle_args(parser)
     methods.add_oc_args(parser)
     methods.add_pnoc_args(parser)
-    flags = parser.parse_args([])
+    subcategory.add_subcategory_args(parser)
+    flags = parser.parse_args(["--subcategories", "random"])  # the table is generated (random_sub_labels)
     flags.label_smoothing = 0.0
     flags.mixed_precision = bool(args.mixed_precision)
     flags.max_epoch = 1
@@ -287,7 +308,9 @@ def build_train_step(
 
     The step is :func:`core.cam.methods.build_step_fn`'s (the function ``core.engine.fit`` calls per batch): forward,
     losses, backward and SGD step of the CAM generator ``cg`` and, for P-NOC, the ordinary classifier's ``oc`` step;
-    OC-CSE and P-OC use a frozen ``oc``.
+    OC-CSE and P-OC use a frozen ``oc``. ``subcategory`` is SC-CAM's step
+    (:func:`core.cam.subcategory.build_subcategory_step`: parent + sub-category loss of a
+    :class:`~core.models.SubcategoryClassifier`, no teacher) on a random id -> sub-label table.
 
     Returns:
         The step (no arguments) and its networks: ``cg`` and, for the OC-CSE family, ``oc``.
@@ -296,6 +319,8 @@ def build_train_step(
     ctx = bench_context(args, flags, device)
     batch = _random_batch(args)
     batch["label"][:, 0] = 1.0  # every image has a class to erase
+    if method == "subcategory":
+        return _subcategory_step(args, flags, ctx, batch)
     cg = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")
     ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
     splitter = None
@@ -307,6 +332,11 @@ def build_train_step(
         ctx.add("oc", oc, torch.optim.SGD(oc.parameters(), lr=1e-4) if trained else None)
         splitter = LabelSplitter(BENCH_CLASSES)
     step_fn = methods.build_step_fn(method, flags, splitter)
+    return engine_step(step_fn, ctx, batch), {name: ctx.module(name) for name in ctx.members}
+
+
+def engine_step(step_fn: Callable[..., Any], ctx: TrainContext, batch: dict[str, Any]) -> Callable[[], None]:
+    """``step_fn(ctx, batch, index)`` as ``core.engine.fit`` calls it, as a call without arguments (index counted)."""
     counter = iter(range(1 << 62))
 
     def step() -> None:
@@ -314,7 +344,33 @@ def build_train_step(
         step_fn(ctx, batch, index)
         ctx.step = index + 1
 
-    return step, {name: ctx.module(name) for name in ctx.members}
+    return step
+
+
+def random_sub_labels(labels: torch.Tensor, ids: list[str], seed: int) -> dict[str, np.ndarray]:
+    """A random id -> sub-label table: one of the :data:`SUBCLASSES_PER_CLASS` sub-classes of each present class."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    for image_id, label in zip(ids, labels.numpy(), strict=True):
+        sub = np.zeros(BENCH_CLASSES * SUBCLASSES_PER_CLASS, dtype=np.float32)
+        for c in np.flatnonzero(label):
+            sub[c * SUBCLASSES_PER_CLASS + rng.integers(SUBCLASSES_PER_CLASS)] = 1.0
+        table[image_id] = sub
+    return table
+
+
+def _subcategory_step(
+    args: argparse.Namespace, flags: argparse.Namespace, ctx: TrainContext, batch: dict[str, Any]
+) -> tuple[Callable[[], None], dict[str, nn.Module]]:
+    """SC-CAM's step (:func:`core.cam.subcategory.build_subcategory_step`, no teacher) on a random sub-label table."""
+    batch["id"] = [f"img_{i:06d}" for i in range(args.batch_size)]
+    table = random_sub_labels(batch["label"], batch["id"], args.seed)
+    cg = SubcategoryClassifier(
+        args.architecture, BENCH_CLASSES, num_subclasses=BENCH_CLASSES * SUBCLASSES_PER_CLASS, backbone_weights="none"
+    )
+    ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
+    step_fn = subcategory.build_subcategory_step(flags, table, None)
+    return engine_step(step_fn, ctx, batch), {"cg": ctx.module("cg")}
 
 
 def _random_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -332,16 +388,24 @@ def build_limit_step(args: argparse.Namespace, device: torch.device) -> Callable
     no optimizer step.
     """
     ctx = bench_context(args, method_flags(args), device)
-    model = ctx.prepare(Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")).train()
-    images = ctx.to_device(_random_batch(args)["image"])
+    model = Classifier(args.architecture, BENCH_CLASSES, backbone_weights="none")
+    return forward_backward(ctx, model, _random_batch(args)["image"])
 
-    def forward_backward() -> None:
+
+def forward_backward(ctx: TrainContext, model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    """A training limit: one forward of ``model`` (train mode, the context's formats) on ``images`` and the backward
+    of the sum of its outputs, nothing else (no loss terms, no optimizer step)."""
+    model = ctx.prepare(model).train()
+    images = ctx.to_device(images)
+
+    def run() -> None:
         with ctx.autocast():
-            logits = model(images)
-        logits.float().sum().backward()
+            outputs = model(images)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        sum(output.float().sum() for output in outputs).backward()
         model.zero_grad(set_to_none=True)
 
-    return forward_backward
+    return run
 
 
 def _rates(images: int, seconds: float, limit_s: float) -> dict[str, float]:
@@ -382,7 +446,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,
-        "step_code": "core.cam.methods.build_step_fn",
+        "step_code": "core.cam.methods.build_step_fn (subcategory: core.cam.subcategory.build_subcategory_step)",
         "limit": {
             "what": "forward + backward of the CAM generator on the same batch",
             "images_per_s": round(args.batch_size / limit_s, 3),
@@ -463,6 +527,224 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# saliency: C²AM-H, PoolNet and the CRF of the saliency masks (random weights, generated data)
+# --------------------------------------------------------------------------------------------------------------------
+
+SALIENCY_STAGES = ("ccam_train", "ccam_inference", "poolnet_train", "poolnet_test", "crf")
+
+
+def add_saliency_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, size=128)
+    cli.add_arg(
+        parser, "--batch_size", type=cli.positive_int, default=8, help="images per training step and PoolNet test batch"
+    )
+    cli.add_arg(parser, "--steps", type=int, default=5, help="timed calls per stage (default 5)")
+    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    cli.add_arg(parser, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="C²AM inference scales")
+    cli.add_arg(
+        parser, "--head_scale", type=float, default=1.0, help="PoolNet head widths (1 = the reference's; 0.25 CPU)"
+    )
+    cli.add_arg(parser, "--crf_images", type=cli.positive_int, default=8, help="images per CRF call (default 8)")
+    cli.add_arg(parser, "--crf_t", type=int, default=10, help="CRF iterations (inference_crf.py's default 10)")
+    cli.add_arg(
+        parser,
+        "--stages",
+        type=cli.str_list,
+        default=list(SALIENCY_STAGES),
+        help=f"comma-separated subset of {','.join(SALIENCY_STAGES)}",
+    )
+
+
+def _stage_rates(images: int, seconds: float, limit_s: float, what: str) -> dict[str, Any]:
+    return {
+        "images_per_s": round(images / seconds, 3),
+        "ms_per_image": round(1000 * seconds / images, 2),
+        "limit": {
+            "what": what,
+            "images_per_s": round(images / limit_s, 3),
+            "ms_per_image": round(1000 * limit_s / images, 2),
+        },
+        "pct_of_limit": round(100 * limit_s / seconds, 1),
+    }
+
+
+def ccam_train_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    """C²AM-H's training step (:func:`core.ccam.training.make_step_fn` with hints: contrastive + hint losses, SGD
+    step of the paper's parameter groups) on random images and hints; limit: forward + backward of a C²AM network."""
+    flags = ccam_training.get_args_parser("benchmark", "", hints=True).parse_args([])
+    flags.architecture, flags.backbone_weights = args.architecture, "none"
+    flags.batch_size, flags.max_epoch, flags.mixed_precision = args.batch_size, 1, bool(args.mixed_precision)
+    ctx = bench_context(args, flags, device)
+    ccam_training.add_network(ctx, flags)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
+        "hint": torch.rand(args.batch_size, 1, args.size, args.size, generator=generator),
+    }
+    step = engine_step(ccam_training.make_step_fn(flags, hints=True), ctx, batch)
+    return {"stage": step, "limit": forward_backward(ctx, ccam_training.network_from_flags(flags), batch["image"])}
+
+
+def ccam_inference_bench(args: argparse.Namespace, device: torch.device, fmt: ComputeFormat) -> dict:
+    """C²AM inference of one image (:func:`core.multiscale.multiscale_cams` with relu and average, as
+    scripts/ccam/inference.py); limit: the forward passes of the same scales and flips on prepared batches."""
+    model = CCAM(args.architecture, backbone_weights="none").to(device).eval()
+    model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
+    image = np.random.default_rng(args.seed).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    batches = _scale_batches(image, args.scales, fmt, device)
+
+    def maps() -> None:
+        multiscale_cams(
+            model,
+            image,
+            args.scales,
+            device=device,
+            keys=np.array([1]),
+            amp_dtype=fmt.amp_dtype,
+            channels_last=fmt.channels_last,
+            activation="relu",
+            average=True,
+        )
+
+    def forwards() -> None:
+        with torch.inference_mode(), fmt.autocast():
+            for batch in batches:
+                model(batch, with_cam=True)
+
+    return {"stage": maps, "limit": forwards}
+
+
+def _poolnet_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """A batch as poolnet.data.pad_collate gives it: RGB 0..255 images, 0/1 saliency labels, all pixels valid."""
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, 1, args.size, args.size)
+    return {
+        "image": 255 * torch.rand(args.batch_size, 3, args.size, args.size, generator=generator),
+        "label": (torch.rand(shape, generator=generator) > 0.5).float(),
+        "valid": torch.ones(shape, dtype=torch.bool),
+    }
+
+
+def poolnet_train_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    """PoolNet's training step (poolnet.train.make_step_fn: BCE over valid pixels, Adam step of its parameter groups,
+    every step an optimizer step: --accumulate_steps 1); limit: forward + backward of a PoolNet."""
+    flags = poolnet_train.get_args_parser().parse_args([])
+    flags.batch_size, flags.max_epoch, flags.accumulate_steps = args.batch_size, 1, 1
+    flags.mixed_precision = bool(args.mixed_precision)
+    ctx = bench_context(args, flags, device)
+    model = PoolNet(args.architecture, backbone_weights="none", head_scale=args.head_scale)
+    groups = build_param_groups(model.param_groups(), flags.lr, flags.wd, flags.lr_alpha_scratch, flags.lr_alpha_bias)
+    ctx.add("poolnet", model, build_optimizer(groups, flags.optimizer))
+    batch = _poolnet_batch(args)
+    step = engine_step(poolnet_train.make_step_fn(args.batch_size), ctx, batch)
+    limit = forward_backward(ctx, PoolNet(args.architecture, head_scale=args.head_scale), batch["image"])
+    return {"stage": step, "limit": limit}
+
+
+def poolnet_test_bench(args: argparse.Namespace, device: torch.device, fmt: ComputeFormat) -> dict:
+    """PoolNet test of a batch (poolnet.test.predict_batch: forward, sigmoid, maps to the CPU); limit: the bare
+    forward. The test script's upscaling of small images (--small_side) is not applied: pass the upscaled --size."""
+    model = PoolNet(args.architecture, head_scale=args.head_scale).to(device).eval()
+    model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
+    images = _poolnet_batch(args)["image"].to(device)
+    images = images.contiguous(memory_format=torch.channels_last) if fmt.channels_last else images
+    sizes = [(args.size, args.size)] * args.batch_size
+
+    def forward() -> None:
+        with torch.inference_mode(), fmt.autocast():
+            model(images)
+
+    return {"stage": lambda: poolnet_test.predict_batch(model, images, sizes, fmt.autocast), "limit": forward}
+
+
+def generate_saliency_data(root: Path, n: int, size: int, seed: int) -> tuple[Any, Path]:
+    """A ``custom`` dataset of ``n`` smooth random RGB images and their one-plane C²AM CAM files (keys [1]) under
+    ``root``; returns the source and the CAM folder."""
+    rng = np.random.default_rng(seed)
+    ids = [f"img_{i:06d}" for i in range(n)]
+    cam_dir = root / "cams"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "lists").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    (root / "lists" / f"{BENCH_DOMAIN}.txt").write_text("\n".join(ids) + "\n")
+    strided = strided_size(size, size)
+    for image_id in ids:
+        image = (255 * _random_cams(rng, 3, size, size)).astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(image).save(root / "images" / f"{image_id}.png")
+        hr_cam = _random_cams(rng, 1, size, size)
+        save_cam(cam_path(cam_dir, image_id), np.array([1]), hr_cam[:, ::4, ::4][:, : strided[0], : strided[1]], hr_cam)
+    return build_source("custom", root, BENCH_DOMAIN), cam_dir
+
+
+def crf_bench(args: argparse.Namespace, root: Path) -> dict[str, Callable[[], None]]:
+    """The saliency masks of ``--crf_images`` generated images in one process (core.ccam.saliency_masks'
+    write_saliency_masks: read the CAM file and the image, threshold 0.3, 2-label CRF, write the PNG); limit: the
+    same CRFs on arrays already in memory."""
+    source, cam_dir = generate_saliency_data(root, args.crf_images, args.size, args.seed)
+    job = SaliencyMaskJob(source, cam_dir, root / "masks_out", crf_t=args.crf_t)
+    ids = list(source.ids)
+    inputs = [(source.read_image(i), compact_labels(job.foreground_map(i)[None], job.threshold)) for i in ids]
+
+    def crfs() -> None:
+        for image, labels in inputs:
+            crf_inference_labels(image, labels, 2, t=args.crf_t, gt_prob=job.crf_gt_prob)
+
+    return {"stage": lambda: write_saliency_masks(job, ids), "limit": crfs}
+
+
+SALIENCY_LIMITS = {
+    "ccam_train": "forward + backward of the C²AM network on the same batch",
+    "ccam_inference": "forward passes of the scales and flips of the same image",
+    "poolnet_train": "forward + backward of PoolNet on the same batch",
+    "poolnet_test": "forward of PoolNet on the same batch",
+    "crf": "the 2-label CRFs of the same images and maps in memory",
+}
+
+
+def run_saliency(args: argparse.Namespace) -> dict[str, Any]:
+    unknown = sorted(set(args.stages) - set(SALIENCY_STAGES))
+    if unknown:
+        raise WSSSError(f"unknown --stages {','.join(unknown)}; choose from {','.join(SALIENCY_STAGES)}")
+    if args.crf_t < 1 and "crf" in args.stages:
+        raise WSSSError(f"--crf_t {args.crf_t}: the CRF benchmark needs at least 1 iteration")
+    device = _setup_torch(args)
+    fmt = _compute(args, device)
+    stages: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
+        builders = {
+            "ccam_train": lambda: ccam_train_bench(args, device),
+            "ccam_inference": lambda: ccam_inference_bench(args, device, fmt),
+            "poolnet_train": lambda: poolnet_train_bench(args, device),
+            "poolnet_test": lambda: poolnet_test_bench(args, device, fmt),
+            "crf": lambda: crf_bench(args, Path(tmp)),
+        }
+        images = {"ccam_inference": 1, "crf": args.crf_images}
+        for stage in args.stages:
+            seconds = _interleaved(builders[stage](), args.steps, args.warmup, device)
+            count = images.get(stage, args.batch_size)
+            stages[stage] = _stage_rates(count, seconds["stage"], seconds["limit"], SALIENCY_LIMITS[stage])
+            logger.info("%s: %.3f images/s", stage, stages[stage]["images_per_s"])
+    return {
+        "benchmark": "saliency",
+        "architecture": args.architecture,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "scales": list(args.scales),
+        "head_scale": args.head_scale,
+        "crf_t": args.crf_t,
+        "crf_images": args.crf_images,
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "channels_last": fmt.channels_last,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "stages": stages,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -471,6 +753,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "evaluate": (add_evaluate_args, run_evaluate),
     "train": (add_train_args, run_train),
     "inference": (add_inference_args, run_inference),
+    "saliency": (add_saliency_args, run_saliency),
 }
 
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from core.errors import WSSSError
 from core.models.compat import compare_state_dicts, normalize_state_dict_keys, read_checkpoint, unwrap_state_dict
+
+if TYPE_CHECKING:
+    from core.models.backbones import HiddenMix
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +50,19 @@ class ViTBackbone(nn.Module):
         self.stage_channels = (self.out_channels,)
         self.fixed_norm = False
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(self, x: torch.Tensor, hidden_mix: HiddenMix | None = None) -> tuple[torch.Tensor]:
         """Patch tokens of a batch.
 
         Args:
             x: float [B, 3, H, W], normalised image, any H and W.
+            hidden_mix: what :class:`core.models.Classifier` passes on for Manifold Mixup; a ViT has no such hook,
+                so anything but None is refused.
 
         Returns:
             A 1-tuple (so ``[-1]`` reads like the ResNet backbones): float [B, D, ceil(H/16), ceil(W/16)].
         """
+        if hidden_mix is not None:
+            raise WSSSError("Manifold Mixup mixes ResNet/ResNeSt hidden states; a ViT --architecture cannot use it")
         h, w = self.vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]  # [B, h*w, D]
         return (tokens.transpose(1, 2).reshape(x.shape[0], self.out_channels, h, w),)
