@@ -73,20 +73,20 @@ done
 if has_stage evaluate; then
   # One JSON per row, named after the model that made the maps: saliency_<tag>@<domain>[+bg=<saliency model>].
   mkdir -p "experiments/results/$DATASET"
-  json() { echo "experiments/results/$DATASET/saliency_${1//\//_}@$DOMAIN_VALID$2.json"; }
+  json() { echo "experiments/results/$DATASET/saliency_${1//\//_}@$DOMAIN_VALID${2:-}.json"; }
   evaluate() { $PY "$REPO/scripts/evaluate.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$DOMAIN_VALID" \
     --num_workers "$WORKERS_INFER" "$@"; }
   pnoc_cams=$(cams_of "$TAG_PNOC" "$DOMAIN_VALID")
-  evaluate --mode saliency --pred_dir "$pnoc_cams" "${SAL_THRESHOLDS[@]}" --json "$(json "$TAG_PNOC")"
-  evaluate --mode saliency --pred_dir "$(ccam_masks_of "$DOMAIN_VALID")" --json "$(json "$TAG_CCAMH" "@crf=$CRF_T")"
-  evaluate --mode saliency --pred_dir "$(poolnet_of "$DOMAIN_VALID")" "${SAL_THRESHOLDS[@]}" --json "$(json "$TAG_PN")"
-  evaluate --mode npy --pred_dir "$pnoc_cams" --sal_dir "$(ccam_masks_of "$DOMAIN_VALID")" \
-    --json "$(json "$TAG_PNOC" "+bg=${TAG_CCAMH//\//_}")"
-  evaluate --mode npy --pred_dir "$pnoc_cams" --sal_dir "$(poolnet_of "$DOMAIN_VALID")" \
-    --json "$(json "$TAG_PNOC" "+bg=${TAG_PN//\//_}")"
+  rows=("$(json "$TAG_PNOC")" "$(json "$TAG_CCAMH" "@crf=$CRF_T")" "$(json "$TAG_PN")"
+        "$(json "$TAG_PNOC" "+bg=${TAG_CCAMH//\//_}")" "$(json "$TAG_PNOC" "+bg=${TAG_PN//\//_}")")
+  evaluate --mode saliency --pred_dir "$pnoc_cams" "${SAL_THRESHOLDS[@]}" --json "${rows[0]}"
+  evaluate --mode saliency --pred_dir "$(ccam_masks_of "$DOMAIN_VALID")" --json "${rows[1]}"
+  evaluate --mode saliency --pred_dir "$(poolnet_of "$DOMAIN_VALID")" "${SAL_THRESHOLDS[@]}" --json "${rows[2]}"
+  evaluate --mode npy --pred_dir "$pnoc_cams" --sal_dir "$(ccam_masks_of "$DOMAIN_VALID")" --json "${rows[3]}"
+  evaluate --mode npy --pred_dir "$pnoc_cams" --sal_dir "$(poolnet_of "$DOMAIN_VALID")" --json "${rows[4]}"
   echo
   echo "Saliency on $DATASET/$DOMAIN_VALID: 'evaluated' rows score maps as foreground vs background (mIoU of the two"
   echo "classes at the best threshold, fg IoU, MAE, max F); 'bg:' rows are the P-NOC CAMs with that saliency as"
   echo "background (bg = 1 - saliency) instead of a threshold:"
-  $PY "$REPO/tools/summarize_results.py" experiments/results/"$DATASET"/saliency_*.json
+  $PY "$REPO/tools/summarize_results.py" "${rows[@]}"
 fi

@@ -22,6 +22,6 @@ bash "$REPO/runners/1-priors.sh"    # CAMs: ordinary classifier, P-NOC
 bash "$REPO/runners/2-saliency.sh"  # saliency: C²AM-H on the P-NOC CAMs, CRF, PoolNet
 echo
 echo "Every stage on $DATASET/train (CAM rows: mIoU at the best background threshold; saliency rows: foreground/"
-echo "background IoU, MAE, max F; 'bg: <folder>': the P-NOC CAMs with that saliency as background):"
-$PY "$REPO/tools/summarize_results.py" experiments/results/"$DATASET"/*.json
+echo "background IoU, MAE, max F; 'bg': the P-NOC CAMs with the saliency named after '+bg=' as background):"
+$PY "$REPO/tools/summarize_results.py" experiments/results/"$DATASET"/*-"$EID"@*.json
 echo "demo done in $(( $(date +%s) - start )) s; outputs under $WORK_DIR/experiments/"

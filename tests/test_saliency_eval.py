@@ -351,7 +351,7 @@ def test_summary_table_says_whether_saliency_was_used(voc, perfect_cams, perfect
     for name, argv in runs.items():
         evaluate.main(evaluate.get_args_parser().parse_args(argv + ["--json", str(tmp_path / f"{name}.json")]))
     rows = [summarize_results.read_result(tmp_path / f"{name}.json") for name in runs]
-    assert [row["saliency"] for row in rows] == ["-", "bg: png", "evaluated"]
+    assert [row["saliency"] for row in rows] == ["-", "bg", "evaluated"]
     assert [row["MAE"] for row in rows] == ["-", "-", "0.0000"] and rows[2]["max F"] == "1.0000"
     assert "saliency" in summarize_results.format_table(rows).splitlines()[0]
 

@@ -71,15 +71,15 @@ def read_result(path: Path) -> dict:
 
 
 def saliency_column(data: dict) -> str:
-    """Whether a result used saliency: ``-``, ``evaluated`` (the predictions are saliency maps) or ``bg: <folder>``
-    (saliency as the CAMs' background); results written before saliency was recorded read ``?``."""
+    """Whether a result used saliency: ``-``, ``evaluated`` (the predictions are saliency maps) or ``bg`` (saliency
+    as the CAMs' background; which folder is in the JSON's protocol); results written before saliency was recorded
+    read ``?``."""
     protocol = data.get("protocol", {})
     if "saliency" not in protocol:
         return "?"
     if str(protocol.get("mode")) == "saliency":
         return "evaluated"
-    sal_dir = protocol.get("sal_dir")
-    return f"bg: {Path(sal_dir).name}" if sal_dir else "-"
+    return "bg" if protocol.get("sal_dir") else "-"
 
 
 def run_name(path: Path) -> str:
