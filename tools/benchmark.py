@@ -113,15 +113,21 @@ def _random_cams(rng: np.random.Generator, n: int, height: int, width: int) -> n
     return cams / cams.max(axis=(1, 2), keepdims=True)
 
 
-def generate_evaluation_data(root: Path, n: int, height: int, width: int, classes: int, seed: int) -> Path:
-    """Write a ``custom`` dataset (masks, classes.txt, id list) and CAM files under ``root``; returns the CAM dir."""
-    rng = np.random.default_rng(seed)
+def custom_layout(root: Path, n: int) -> list[str]:
+    """A ``custom`` dataset skeleton under ``root`` (folders, classes.txt, the bench id list); returns its ids."""
     ids = [f"img_{i:06d}" for i in range(n)]
-    cam_dir = root / "cams"
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "lists").mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
     (root / "lists" / f"{BENCH_DOMAIN}.txt").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+def generate_evaluation_data(root: Path, n: int, height: int, width: int, classes: int, seed: int) -> Path:
+    """Write a ``custom`` dataset (masks, classes.txt, id list) and CAM files under ``root``; returns the CAM dir."""
+    rng = np.random.default_rng(seed)
+    ids = custom_layout(root, n)
+    cam_dir = root / "cams"
     strided = strided_size(height, width)
     for image_id in ids:
         keys = np.sort(rng.choice(np.arange(1, len(VOC_CLASSES)), size=classes, replace=False))
@@ -661,12 +667,8 @@ def generate_saliency_data(root: Path, n: int, size: int, seed: int) -> tuple[An
     """A ``custom`` dataset of ``n`` smooth random RGB images and their one-plane C²AM CAM files (keys [1]) under
     ``root``; returns the source and the CAM folder."""
     rng = np.random.default_rng(seed)
-    ids = [f"img_{i:06d}" for i in range(n)]
+    ids = custom_layout(root, n)
     cam_dir = root / "cams"
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "lists").mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
-    (root / "lists" / f"{BENCH_DOMAIN}.txt").write_text("\n".join(ids) + "\n")
     strided = strided_size(size, size)
     for image_id in ids:
         image = (255 * _random_cams(rng, 3, size, size)).astype(np.uint8).transpose(1, 2, 0)
