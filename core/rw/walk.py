@@ -155,11 +155,13 @@ def random_walk(
         walked = seeds.contiguous()
         for _ in range(steps):
             walked = operator @ walked
-    else:
-        walked = np.ascontiguousarray(seeds.numpy())
-        for _ in range(steps):
-            walked = operator @ walked
-        walked = torch.from_numpy(walked)
+    else:  # one vector per class: scipy's matrix-vector product is 2-3x faster than its matrix-matrix product
+        columns = []
+        for column in seeds.numpy().T:
+            for _ in range(steps):
+                column = operator @ column
+            columns.append(column)
+        walked = torch.from_numpy(np.stack(columns, axis=1))
     return walked.T.reshape(n, height, width).to(cams.device)
 
 
