@@ -3,6 +3,7 @@ targets and loss on hand-made label maps, and training through scripts/rw/train_
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from core.errors import WSSSError
 from core.models import Classifier
+from core.rw import losses
 from core.rw.network import AffinityNet, load_affinity_net, normalize_affinity_keys
+from core.rw.paths import affinity_targets, edge_to_affinity, path_index
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -112,3 +115,53 @@ def test_weights_of_another_backbone_or_network_are_refused_in_one_line(tmp_path
     torch.save(Classifier("resnet18", 5).state_dict(), path)
     with pytest.raises(WSSSError, match="not an AffinityNet.*train_affinity.py"):
         load_affinity_net(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _two_regions(height: int = 24, width: int = 32, band: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background left of column ``band``, class 3 right of it, the band column unknown (255); the perfect edge map
+    is 1 on the band and 0 elsewhere (every path between the two regions crosses it)."""
+    labels = torch.zeros(1, height, width, dtype=torch.long)
+    labels[:, :, band + 1 :] = 3
+    labels[:, :, band] = 255
+    edge = torch.zeros(1, 1, height, width)
+    edge[..., band] = 1.0
+    return labels, edge
+
+
+def _logits(probabilities: torch.Tensor) -> torch.Tensor:
+    return torch.logit(probabilities.clamp(1e-7, 1 - 1e-7))
+
+
+def test_the_loss_is_zero_for_a_perfect_edge_map_and_large_for_a_wrong_one():
+    labels, edge = _two_regions()
+    perfect = losses.affinity_loss(_logits(edge), labels)
+    assert abs(perfect["loss"].item()) < 1e-4 and perfect["neg"].item() < 1e-4
+    no_edges = losses.affinity_loss(_logits(torch.zeros_like(edge)), labels)
+    assert no_edges["bg"].item() < 1e-4 and no_edges["fg"].item() < 1e-4
+    assert no_edges["neg"].item() == pytest.approx(-math.log(losses.EPS), rel=3e-3)  # every negative pair has a = 1
+    assert no_edges["loss"].item() == pytest.approx(no_edges["neg"].item() / 2, rel=1e-6)
+    all_edges = losses.affinity_loss(_logits(torch.ones_like(edge)), labels)
+    assert all_edges["loss"].item() > 5 and all_edges["neg"].item() < 1e-4
+
+
+def test_the_loss_terms_are_pair_means_and_split_over_processes_like_one_batch():
+    torch.manual_seed(0)
+    labels, _ = _two_regions()
+    labels = labels.repeat(2, 1, 1)
+    labels[1, :5] = 255
+    logits = torch.randn(2, 1, *labels.shape[-2:], requires_grad=True)
+    whole = losses.pair_loss_sums(logits, labels)
+    halves = [losses.pair_loss_sums(logits[i : i + 1], labels[i : i + 1]) for i in range(2)]
+    counts = torch.stack([halves[0][f"{t}_count"] + halves[1][f"{t}_count"] for t in losses.TERMS])
+    split = [losses.combine_terms(half, counts)["loss"] for half in halves]
+    torch.testing.assert_close(split[0] + split[1], losses.combine_terms(whole)["loss"])
+    index = path_index(losses.TRAIN_RADIUS, tuple(labels.shape[-2:]))
+    affinity = edge_to_affinity(torch.sigmoid(logits), index)
+    bg_pos, _, _ = affinity_targets(labels, index)
+    expected_bg = (-torch.log(affinity + losses.EPS))[bg_pos > 0].mean()
+    torch.testing.assert_close(losses.affinity_loss(logits, labels)["bg"], expected_bg, rtol=1e-4, atol=1e-5)
