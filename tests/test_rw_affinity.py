@@ -1,0 +1,167 @@
+"""AffinityNet: the network on ResNet and ResNeSt, the edge map, the reference's checkpoint layouts, the affinity
+targets and loss on hand-made label maps, and training through scripts/rw/train_affinity.py."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from core.errors import WSSSError
+from core.models import Classifier
+from core.rw import losses
+from core.rw.network import AffinityNet, load_affinity_net, normalize_affinity_keys
+from core.rw.paths import affinity_targets, edge_to_affinity, path_index
+
+pytestmark = pytest.mark.torch_threads(1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("architecture", "stem"), [("resnet18", 64), ("resnest50", 64)])
+def test_edge_logits_come_at_stride_4_and_only_the_edge_branch_gets_gradients(architecture, stem):
+    torch.manual_seed(0)
+    model = AffinityNet(architecture).train()
+    assert model.fc_edge1[0].in_channels == stem == model.backbone.stage_channels[0]
+    logits = model(torch.randn(2, 3, 64, 96))
+    assert logits.shape == (2, 1, 16, 24)
+    logits.mean().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.edge_parameters())
+    assert not any(m.training for m in model.backbone.modules())  # the frozen backbone stays in eval mode
+    edge = model.edge_map(torch.randn(3, 50, 70))
+    assert edge.shape == (13, 18) and edge.dtype == torch.float32 and 0 < edge.min() <= edge.max() < 1
+
+
+def test_the_edge_map_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = AffinityNet("resnet18").eval()
+    image = torch.randn(3, 64, 64)
+    edge = model.edge_map(image)
+    mirrored = model.edge_map(image.flip(-1))
+    torch.testing.assert_close(edge, mirrored.flip(-1), atol=1e-5, rtol=1e-5)
+    logits = model(torch.stack([image, image.flip(-1)]))[:, 0]
+    torch.testing.assert_close(edge, torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2), atol=1e-5, rtol=1e-5)
+    assert model.edge_map(image, pad_size=96).shape == (16, 16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts (SPEC §2.4)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _stage_key(key: str, prefix: str) -> str:
+    """``backbone.conv1.x`` -> ``<prefix>1.0.x`` etc.: the reference's stage naming (stage k+1 <-> prefix index k)."""
+    key = key[len("backbone.") :]
+    for native, stage in (("conv1.", "0.0."), ("bn1.", "0.1."), *((f"layer{i}.", f"{i}.0.") for i in range(1, 5))):
+        if key.startswith(native):
+            index, rest = stage.split(".", 1)
+            number = int(index) + (1 if prefix == "stage" else 0)
+            return f"{prefix}{number}.{rest}{key[len(native) :]}"
+    raise AssertionError(key)
+
+
+def _layouts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    edges = {k: v for k, v in state.items() if k.startswith("fc_edge")}
+    duplicates = {
+        re.sub(r"^fc_edge(\d)", lambda m: f"edge_layers.{int(m.group(1)) - 1}", k): v for k, v in edges.items()
+    }
+    buffers = {"path_indices_0": torch.zeros(3, 7, dtype=torch.int64), "path_indices_1": torch.zeros(5, 2)}
+    return {
+        "current + path buffers": state | buffers,
+        "stage ModuleList + edge_layers": {_stage_key(k, "backbone."): v for k, v in backbone.items()}
+        | edges
+        | duplicates
+        | buffers,
+        "model + stage duplicates": {"model." + k[len("backbone.") :]: v for k, v in backbone.items()}
+        | {_stage_key(k, "stage"): v for k, v in backbone.items()}
+        | edges
+        | buffers,
+        "stages only, edge_layers only, DataParallel": {
+            "module." + k: v for k, v in ({_stage_key(k, "stage"): v for k, v in backbone.items()} | duplicates).items()
+        },
+    }
+
+
+@pytest.mark.parametrize("architecture", ["resnet18", "resnest50"])
+def test_the_reference_affinity_layouts_load(architecture, tmp_path):
+    torch.manual_seed(0)
+    trained = AffinityNet(architecture)
+    state = trained.state_dict()
+    image = torch.randn(3, 32, 32)
+    expected = trained.eval().edge_map(image)
+    for name, layout in _layouts(state).items():
+        assert normalize_affinity_keys(layout).keys() == state.keys(), name
+        path = tmp_path / "aff.pth"
+        torch.save(layout, path)
+        loaded = load_affinity_net(path)  # the architecture is read from the file
+        assert loaded.model_kwargs["architecture"] == architecture
+        torch.testing.assert_close(loaded.edge_map(image), expected, msg=name)
+
+
+def test_weights_of_another_backbone_or_network_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "aff.pth"
+    torch.save(AffinityNet("resnet18").state_dict(), path)
+    with pytest.raises(WSSSError) as error:
+        load_affinity_net(path, "resnet34")
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "resnet18" in message and "--architecture" in message
+    torch.save(Classifier("resnet18", 5).state_dict(), path)
+    with pytest.raises(WSSSError, match="not an AffinityNet.*train_affinity.py"):
+        load_affinity_net(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _two_regions(height: int = 24, width: int = 32, band: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background left of column ``band``, class 3 right of it, the band column unknown (255); the perfect edge map
+    is 1 on the band and 0 elsewhere (every path between the two regions crosses it)."""
+    labels = torch.zeros(1, height, width, dtype=torch.long)
+    labels[:, :, band + 1 :] = 3
+    labels[:, :, band] = 255
+    edge = torch.zeros(1, 1, height, width)
+    edge[..., band] = 1.0
+    return labels, edge
+
+
+def _logits(probabilities: torch.Tensor) -> torch.Tensor:
+    return torch.logit(probabilities.clamp(1e-7, 1 - 1e-7))
+
+
+def test_the_loss_is_zero_for_a_perfect_edge_map_and_large_for_a_wrong_one():
+    labels, edge = _two_regions()
+    perfect = losses.affinity_loss(_logits(edge), labels)
+    assert abs(perfect["loss"].item()) < 1e-4 and perfect["neg"].item() < 1e-4
+    no_edges = losses.affinity_loss(_logits(torch.zeros_like(edge)), labels)
+    assert no_edges["bg"].item() < 1e-4 and no_edges["fg"].item() < 1e-4
+    assert no_edges["neg"].item() == pytest.approx(-math.log(losses.EPS), rel=3e-3)  # every negative pair has a = 1
+    assert no_edges["loss"].item() == pytest.approx(no_edges["neg"].item() / 2, rel=1e-6)
+    all_edges = losses.affinity_loss(_logits(torch.ones_like(edge)), labels)
+    assert all_edges["loss"].item() > 5 and all_edges["neg"].item() < 1e-4
+
+
+def test_the_loss_terms_are_pair_means_and_split_over_processes_like_one_batch():
+    torch.manual_seed(0)
+    labels, _ = _two_regions()
+    labels = labels.repeat(2, 1, 1)
+    labels[1, :5] = 255
+    logits = torch.randn(2, 1, *labels.shape[-2:], requires_grad=True)
+    whole = losses.pair_loss_sums(logits, labels)
+    halves = [losses.pair_loss_sums(logits[i : i + 1], labels[i : i + 1]) for i in range(2)]
+    counts = torch.stack([halves[0][f"{t}_count"] + halves[1][f"{t}_count"] for t in losses.TERMS])
+    split = [losses.combine_terms(half, counts)["loss"] for half in halves]
+    torch.testing.assert_close(split[0] + split[1], losses.combine_terms(whole)["loss"])
+    index = path_index(losses.TRAIN_RADIUS, tuple(labels.shape[-2:]))
+    affinity = edge_to_affinity(torch.sigmoid(logits), index)
+    bg_pos, _, _ = affinity_targets(labels, index)
+    expected_bg = (-torch.log(affinity + losses.EPS))[bg_pos > 0].mean()
+    torch.testing.assert_close(losses.affinity_loss(logits, labels)["bg"], expected_bg, rtol=1e-4, atol=1e-5)
