@@ -3,6 +3,7 @@ maps it writes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,15 @@ def test_cuda_walk_equals_the_cpu_walk():
     on_cuda = random_walk(cams.cuda(), edge.cuda())
     assert on_cuda.is_cuda
     torch.testing.assert_close(on_cuda.cpu(), random_walk(cams, edge), rtol=1e-4, atol=1e-6)
+
+
+def test_benchmark_rw_reports_sparse_and_dense(capsys):
+    from tools import benchmark
+
+    argv = ["rw", "--sizes", "32x40,64x48", "--images", "1", "--exp_times", "3", "--dense_max_n", "100"]
+    result = benchmark.main(benchmark.get_args_parser().parse_args([*argv, "--device", "cpu"]))
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    small, large = result["sizes"]
+    assert small["n"] == 80 and small["sparse"]["seconds"] > 0 and small["dense"]["seconds"] > 0
+    assert small["max_abs_diff"] < 1e-4
+    assert large["dense"]["gb_needed"] > 0 and large["dense"]["seconds_estimate"] > 0

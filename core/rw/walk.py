@@ -20,6 +20,9 @@ maximum of each class.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -99,6 +102,28 @@ def walk_operator(
     Returns:
         scipy CSR for a CPU ``edge``, torch sparse CSR on ``edge``'s device otherwise.
     """
+    with _one_cpu_thread(edge.device):
+        return _walk_operator(edge, beta, radius, dtype)
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops on one thread: the operator is ~200 small ops, and on a busy machine OpenMP threads that
+    wait for each other make them 10-50x slower (the walk itself runs in scipy, single-threaded, anyway)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _walk_operator(
+    edge: torch.Tensor, beta: float, radius: int, dtype: torch.dtype
+) -> torch.Tensor | scipy.sparse.csr_array:
     src, dst, affinity = affinity_pairs(edge, radius)
     n = edge.numel()
     diagonal = torch.arange(n, device=edge.device)

@@ -123,7 +123,7 @@ def output_dir(args: argparse.Namespace) -> Path:
     """``--pred_dir``, else ``experiments/predictions/<model_name>@<domain>@beta=<b>@exp_times=<e>@rw[@per_class]``."""
     if args.pred_dir:
         return Path(args.pred_dir)
-    name = Path(args.model_name).with_suffix("").as_posix() if args.model_name.endswith(".pth") else args.model_name
+    name = Path(args.model_name).stem if args.model_name.endswith(".pth") else args.model_name
     suffix = "" if args.rw_normalize == "global" else f"@{args.rw_normalize}"
     domain = paths.domain_name(args.domain)
     return (
