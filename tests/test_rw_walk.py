@@ -146,4 +146,4 @@ def test_benchmark_rw_reports_sparse_and_dense(capsys):
     small, large = result["sizes"]
     assert small["n"] == 80 and small["sparse"]["seconds"] > 0 and small["dense"]["seconds"] > 0
     assert small["max_abs_diff"] < 1e-4
-    assert large["dense"]["gb_needed"] > 0 and large["dense"]["seconds_estimate"] > 0
+    assert large["dense"]["gb_needed"] >= 0 and large["dense"]["seconds_estimate"] > 0

@@ -835,7 +835,7 @@ def rw_size_bench(args: argparse.Namespace, size: tuple[int, int], device: torch
         padded = (height + rw_walk.RADIUS) * (width + 2 * rw_walk.RADIUS)
         result["dense"] = {
             "skipped": f"N {n} > --dense_max_n {args.dense_max_n}",
-            "gb_needed": round(4 * (padded**2 + 3 * n**2) / 2**30, 2),
+            "gb_needed": round(4 * (padded**2 + 3 * n**2) / 2**30, 3),
         }
     return result
 
