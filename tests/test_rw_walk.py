@@ -53,6 +53,13 @@ def test_sparse_walk_equals_the_dense_reference(n, height, width):
     torch.testing.assert_close(short, random_walk_dense(cams, edge, beta=8, exp_times=3), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_sparse_products_equal_scipy_ones():
+    cams, edge = random_inputs(2, 13, 10)
+    torch.testing.assert_close(random_walk(cams, edge, backend="torch"), random_walk(cams, edge), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend"):
+        random_walk(cams, edge, backend="dense")
+
+
 def test_one_region_spreads_a_seed_uniformly():
     cams = torch.zeros(1, 12, 12)
     cams[0, 2, 3] = 1.0

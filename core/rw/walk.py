@@ -20,6 +20,7 @@ maximum of each class.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,6 +36,7 @@ RADIUS = 5
 MAX_BETA = 100.0  # affinities below 1 vanish in float32 long before this
 MAX_EXP_TIMES = 12  # T^4096: 16 times the reference's walk; longer walks only flatten every map
 NORMALIZATIONS = ("global", "per_class")
+BACKENDS = ("scipy", "torch")
 
 
 def check_walk_params(beta: float, exp_times: int) -> None:
@@ -90,7 +92,11 @@ def affinity_pairs(edge: torch.Tensor, radius: int = RADIUS) -> tuple[torch.Tens
 
 
 def walk_operator(
-    edge: torch.Tensor, beta: float = 10.0, radius: int = RADIUS, dtype: torch.dtype = torch.float32
+    edge: torch.Tensor,
+    beta: float = 10.0,
+    radius: int = RADIUS,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
 ) -> torch.Tensor | scipy.sparse.csr_array:
     """``M = T^T`` as a sparse ``[N, N]`` float32 matrix, so that one step of the walk ``x @ T`` is ``(M @ x^T)^T``.
 
@@ -98,12 +104,16 @@ def walk_operator(
 
     Args:
         edge: float ``[h, w]`` boundary probabilities in [0, 1]; ``N = h w``.
+        backend: ``"scipy"`` (CPU only) or ``"torch"``; default scipy for a CPU ``edge``, else torch.
 
     Returns:
-        scipy CSR for a CPU ``edge``, torch sparse CSR on ``edge``'s device otherwise.
+        scipy CSR, or torch sparse CSR on ``edge``'s device.
     """
+    backend = backend or ("scipy" if edge.device.type == "cpu" else "torch")
+    if backend not in BACKENDS or (backend == "scipy" and edge.device.type != "cpu"):
+        raise ValueError(f"walk_operator: backend must be one of {BACKENDS} (scipy on the CPU), got {backend!r}")
     with _one_cpu_thread(edge.device):
-        return _walk_operator(edge, beta, radius, dtype)
+        return _walk_operator(edge, beta, radius, dtype, backend)
 
 
 @contextmanager
@@ -122,7 +132,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def _walk_operator(
-    edge: torch.Tensor, beta: float, radius: int, dtype: torch.dtype
+    edge: torch.Tensor, beta: float, radius: int, dtype: torch.dtype, backend: str
 ) -> torch.Tensor | scipy.sparse.csr_array:
     src, dst, affinity = affinity_pairs(edge, radius)
     n = edge.numel()
@@ -133,10 +143,11 @@ def _walk_operator(
     values = torch.cat([weight, weight, torch.ones(n, dtype=weight.dtype, device=edge.device)])
     degree = torch.zeros_like(values[:n]).index_add_(0, rows, values)  # >= 1: the diagonal
     values = (values / degree[rows]).to(dtype)
-    if edge.device.type == "cpu":
+    if backend == "scipy":
         coo = scipy.sparse.coo_array((values.numpy(), (rows.numpy(), cols.numpy())), shape=(n, n))
         return coo.tocsr()
-    with torch.sparse.check_sparse_tensor_invariants(False):
+    with torch.sparse.check_sparse_tensor_invariants(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # once per process, noise
         return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n)).coalesce().to_sparse_csr()
 
 
@@ -152,6 +163,7 @@ def random_walk(
     exp_times: int = 8,
     radius: int = RADIUS,
     dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """The reference's ``propagate_to_edge`` without an ``N x N`` matrix (see the module docstring).
 
@@ -162,6 +174,7 @@ def random_walk(
         exp_times: the walk takes ``2^exp_times`` steps, 0..12.
         radius: pairs closer than this many pixels are linked (the reference uses 5).
         dtype: of the operator and the walked maps (float64 only to check the algorithm against the dense route).
+        backend: of the sparse products (see :func:`walk_operator`).
 
     Returns:
         ``[n, h, w]`` in ``dtype``, non-negative, not normalised (:func:`rw_maps` does that), on ``cams``' device.
@@ -174,7 +187,7 @@ def random_walk(
     if n == 0:
         return torch.zeros(cams.shape, dtype=dtype, device=cams.device)
     seeds = (cams.to(dtype) * (1 - edge.to(dtype))).reshape(n, -1).T  # [N, n]: one column per class
-    operator = walk_operator(edge, beta, radius, dtype)
+    operator = walk_operator(edge, beta, radius, dtype, backend)
     steps = 2**exp_times
     if isinstance(operator, torch.Tensor):
         walked = seeds.contiguous()
