@@ -15,6 +15,8 @@ from core.rw.paths import (
     search_directions,
 )
 
+pytestmark = pytest.mark.torch_threads(1)
+
 
 def disc(radius: int) -> set[tuple[int, int]]:
     """Every non-zero offset closer than ``radius``."""

@@ -23,6 +23,8 @@ from core.rw.walk import (
     rw_maps,
 )
 
+pytestmark = pytest.mark.torch_threads(1)
+
 
 def random_inputs(n: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -56,8 +58,9 @@ def test_sparse_walk_equals_the_dense_reference(n, height, width):
 
 
 def test_torch_sparse_products_equal_scipy_ones():
-    cams, edge = random_inputs(2, 13, 10)
-    torch.testing.assert_close(random_walk(cams, edge, backend="torch"), random_walk(cams, edge), rtol=1e-5, atol=1e-6)
+    cams, edge = random_inputs(2, 9, 8)
+    on_torch = random_walk(cams, edge, exp_times=5, backend="torch")
+    torch.testing.assert_close(on_torch, random_walk(cams, edge, exp_times=5), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="backend"):
         random_walk(cams, edge, backend="dense")
 

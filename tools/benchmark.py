@@ -850,7 +850,7 @@ def run_rw(args: argparse.Namespace) -> dict[str, Any]:
     for entry in sizes:  # dense time of the larger sizes from the largest one measured, by the O(N^3) of T @ T
         if dense and "skipped" in entry["dense"]:
             ref = max(dense, key=lambda s: s["n"])
-            entry["dense"]["seconds_estimate"] = round(ref["dense"]["seconds"] * (entry["n"] / ref["n"]) ** 3, 1)
+            entry["dense"]["seconds_estimate"] = float(f"{ref['dense']['seconds'] * (entry['n'] / ref['n']) ** 3:.3g}")
     return {
         "benchmark": "rw",
         "device": str(device),
