@@ -3,17 +3,25 @@ targets and loss on hand-made label maps, and training through scripts/rw/train_
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from core import engine
+from core.artifacts import save_label_map
+from core.datasets import build_source
 from core.errors import WSSSError
 from core.models import Classifier
 from core.rw import losses
 from core.rw.network import AffinityNet, load_affinity_net, normalize_affinity_keys
 from core.rw.paths import affinity_targets, edge_to_affinity, path_index
+from scripts.rw import train_affinity
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -165,3 +173,120 @@ def test_the_loss_terms_are_pair_means_and_split_over_processes_like_one_batch()
     bg_pos, _, _ = affinity_targets(labels, index)
     expected_bg = (-torch.log(affinity + losses.EPS))[bg_pos > 0].mean()
     torch.testing.assert_close(losses.affinity_loss(logits, labels)["bg"], expected_bg, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training through scripts/rw/train_affinity.py
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _uncertain_borders(mask: np.ndarray) -> np.ndarray:
+    """Affinity labels from a GT mask: the mask with every pixel next to another label made uncertain (255)."""
+    labels = mask.copy()
+    border = np.zeros(mask.shape, dtype=bool)
+    border[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    border[:, :-1] |= mask[:, 1:] != mask[:, :-1]
+    border[1:] |= mask[1:] != mask[:-1]
+    border[:-1] |= mask[1:] != mask[:-1]
+    labels[border] = 255
+    return labels
+
+
+@pytest.fixture(scope="module")
+def affinity_labels(synthetic_voc, tmp_path_factory) -> Path:
+    """Affinity-label PNGs of the synthetic train ids, made from the GT (borders uncertain)."""
+    folder = tmp_path_factory.mktemp("affinity_labels")
+    source = build_source("voc12", synthetic_voc, "train")
+    for image_id in source.ids:
+        save_label_map(folder / f"{image_id}.png", _uncertain_borders(source.read_mask(image_id)))
+    return folder
+
+
+def train_flags(data_dir: Path, labels: Path | str, tag: str = "rw/aff", *extra: str) -> list[str]:
+    return [
+        "--tag", tag, "--data_dir", str(data_dir), "--domain", "train", "--label_dir", str(labels),
+        "--architecture", "resnet18", "--backbone_weights", "none", "--image_size", "80", "--min_image_size", "64",
+        "--max_image_size", "96", "--batch_size", "12", "--max_epoch", "1", "--num_workers", "0", "--device", "cpu",
+        *extra,
+    ]  # fmt: skip
+
+
+def parse(argv: list[str]):
+    return train_affinity.get_args_parser().parse_args(argv)
+
+
+def test_the_reference_command_line_parses_with_its_defaults():
+    args = parse(["--tag", "x", "--label_dir", "labels"])
+    assert (args.lr, args.wd, args.max_epoch, args.batch_size, args.optimizer) == (0.1, 1e-4, 3, 32, "sgd")
+    assert (args.image_size, args.min_image_size, args.max_image_size, args.mode) == (512, 320, 640, "fix")
+    assert args.domain == "train_aug" and args.architecture == "resnet50" and not args.mixed_precision
+
+
+def test_a_run_writes_loadable_weights_and_resumes_to_the_uninterrupted_result(
+    synthetic_voc, affinity_labels, tmp_path, monkeypatch
+):
+    backbone = AffinityNet("resnet18").backbone.state_dict()
+    torch.save(backbone, tmp_path / "backbone.pth")
+    argv = train_flags(synthetic_voc, affinity_labels, "rw/aff", "--max_epoch", "2")
+    argv += ["--backbone_weights", str(tmp_path / "backbone.pth")]
+    for folder in ("straight", "resumed"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    straight = train_affinity.main(parse(argv))
+    assert straight["train/loss"] > 0 and straight["train/neg"] > 0 and straight["train/pairs"] > 0
+    model = load_affinity_net(straight["final_path"], "resnet18")
+    assert model.edge_map(torch.zeros(3, 64, 64)).shape == (16, 16)
+    record = json.loads(Path("experiments/models/rw/aff/manifest.json").read_text())
+    assert record["complete"] and record["inputs"]["labels"]["path"] == str(affinity_labels)
+
+    save = engine.state.save_checkpoint
+
+    def save_then_die(ctx: engine.TrainContext) -> None:
+        save(ctx)
+        raise KeyboardInterrupt  # the job is killed right after the first epoch's checkpoint
+
+    monkeypatch.chdir(tmp_path / "resumed")
+    monkeypatch.setattr(engine.state, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_affinity.main(parse(argv))
+    monkeypatch.setattr(engine.state, "save_checkpoint", save)
+    resumed = train_affinity.main(parse([*argv, "--resume", "true"]))
+    a, b = torch.load(straight["final_path"]), torch.load(resumed["final_path"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[f"backbone.{k}"], v) for k, v in backbone.items())  # frozen: BN statistics too
+
+
+def test_bad_label_folders_and_backbone_weights_are_refused_in_one_line(
+    synthetic_voc, affinity_labels, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+
+    def error_of(labels: Path | str, *extra: str) -> str:
+        with pytest.raises(WSSSError) as error:
+            train_affinity.main(parse(train_flags(synthetic_voc, labels, "rw/bad", *extra)))
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert "does not exist" in error_of(tmp_path / "nowhere")
+    assert "--image_size 76 or more" in error_of(affinity_labels, "--image_size", "72")
+    partial = tmp_path / "partial"
+    shutil.copytree(affinity_labels, partial)
+    ids = sorted(p.stem for p in partial.glob("*.png"))
+    for image_id in ids[:3]:
+        (partial / f"{image_id}.png").unlink()
+    message = error_of(partial)
+    assert f"3 of {len(ids)} affinity labels" in message and ids[0] in message and "make_affinity_labels" in message
+    (partial / f"{ids[0]}.png").write_bytes(b"")
+    save_label_map(partial / f"{ids[1]}.png", np.zeros((32, 48), np.uint8))
+    save_label_map(partial / f"{ids[2]}.png", np.zeros((32, 48), np.uint8))
+    message = error_of(partial)
+    assert "cannot read affinity label" in message and ids[0] in message
+    (partial / f"{ids[0]}.png").unlink()
+    shutil.copy(affinity_labels / f"{ids[0]}.png", partial / f"{ids[0]}.png")
+    message = error_of(partial)
+    assert "2 affinity labels" in message and f"{ids[1]}.png is 48x32" in message
+    weights = tmp_path / "r34.pth"
+    torch.save(AffinityNet("resnet34").backbone.state_dict(), weights)
+    message = error_of(affinity_labels, "--backbone_weights", str(weights))
+    assert str(weights) in message and "resnet18" in message and "resnet34" in message
+    assert not Path("experiments/models/rw/bad.pth").exists()
