@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from core import engine
+from core import cli, engine
 from core.artifacts import save_label_map
 from core.datasets import build_source
 from core.errors import WSSSError
@@ -23,6 +26,7 @@ from core.rw.network import AffinityNet, load_affinity_net, normalize_affinity_k
 from core.rw.paths import affinity_targets, edge_to_affinity, path_index
 from scripts.rw import train_affinity
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.torch_threads(1)
 
 
@@ -290,3 +294,37 @@ def test_bad_label_folders_and_backbone_weights_are_refused_in_one_line(
     message = error_of(affinity_labels, "--backbone_weights", str(weights))
     assert str(weights) in message and "resnet18" in message and "resnet34" in message
     assert not Path("experiments/models/rw/bad.pth").exists()
+
+
+def test_two_processes_update_like_one_process(synthetic_voc, affinity_labels, tmp_path):
+    flags = train_flags(synthetic_voc, affinity_labels, "ddp", "--accumulate_steps", "2", "--lr", "0.5")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = [f if f != "ddp" else "single" for f in flags]
+    subprocess.run(
+        [sys.executable, __file__, *single], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300
+    )
+    ddp = torch.load(tmp_path / "experiments/models/ddp.pth", weights_only=True)
+    one = torch.load(tmp_path / "experiments/models/single.pth", weights_only=True)
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.equal(one["fc_edge6.weight"], AffinityNet("resnet18").state_dict()["fc_edge6.weight"])
+
+
+def _deterministic_worker() -> None:
+    # No random flip or resize: each process draws its own augmentation stream, so only a deterministic transform
+    # lets the two runs see the same pixels. Everything else is the unchanged script.
+    from core.datasets import transforms
+    from core.rw import training
+
+    training.build_segmentation_transform = lambda low, high, crop: transforms.build_validation_transform(crop)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cli.run(train_affinity.main, train_affinity.get_args_parser())
+
+
+if __name__ == "__main__":
+    _deterministic_worker()
