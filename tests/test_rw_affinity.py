@@ -99,7 +99,8 @@ def _layouts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
         | edges
         | buffers,
         "stages only, edge_layers only, DataParallel": {
-            "module." + k: v for k, v in ({_stage_key(k, "stage"): v for k, v in backbone.items()} | duplicates).items()
+            "module." + k: v
+            for k, v in ({_stage_key(k, "stage"): v for k, v in backbone.items()} | duplicates | buffers).items()
         },
     }
 

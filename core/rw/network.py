@@ -181,7 +181,7 @@ def normalize_affinity_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     ``backbone.{k}`` stage-list keys become ``stage{k+1}`` keys, which :func:`core.models.normalize_state_dict_keys`
     maps (with ``model.*`` and ``stage*``) onto ``backbone.<native key>``.
     """
-    renamed = normalize_state_dict_keys({k: v for k, v in state_dict.items() if not _PATH_INDEX_KEY.match(k)})
+    renamed = {k: v for k, v in normalize_state_dict_keys(state_dict).items() if not _PATH_INDEX_KEY.match(k)}
     has_edges = any(key.startswith("fc_edge") for key in renamed)
     result: dict[str, torch.Tensor] = {}
     for key, value in renamed.items():

@@ -73,7 +73,7 @@ def add_affinity_args(parser: argparse.ArgumentParser) -> None:
 def get_args_parser(prog: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog, description=description, add_help=add_help)
     add_affinity_args(parser)
-    engine.add_training_args(parser, lr=0.1, wd=1e-4, max_epoch=3, batch_size=32, print_ratio=0.1)
+    engine.add_training_args(parser, lr=0.1, wd=1e-4, max_epoch=3, batch_size=32)
     return parser
 
 
