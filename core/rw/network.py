@@ -132,13 +132,9 @@ class AffinityNet(nn.Module):
         """
         with torch.no_grad():  # the backbone is frozen: its features are constants for the edge branch
             stem, x1, x2, x3, x4 = self.backbone(images)
-        edge1 = self.fc_edge1(stem)
-        edge2 = self.fc_edge2(x1)
-        height, width = edge2.shape[-2:]
-        sides = [edge1[..., :height, :width], edge2]
-        sides += [layer(x)[..., :height, :width] for layer, x in ((self.fc_edge3, x2), (self.fc_edge4, x3))]
-        sides.append(self.fc_edge5(x4)[..., :height, :width])
-        return self.fc_edge6(torch.cat(sides, dim=1))
+        sides = [self.fc_edge1(stem), self.fc_edge2(x1), self.fc_edge3(x2), self.fc_edge4(x3), self.fc_edge5(x4)]
+        height, width = sides[1].shape[-2:]  # layer1's stride-4 grid; the upsampled deeper maps may overhang it
+        return self.fc_edge6(torch.cat([side[..., :height, :width] for side in sides], dim=1))
 
     @torch.no_grad()
     def edge_map(self, image: torch.Tensor, pad_size: int | None = None) -> torch.Tensor:
@@ -181,7 +177,7 @@ def normalize_affinity_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     ``backbone.{k}`` stage-list keys become ``stage{k+1}`` keys, which :func:`core.models.normalize_state_dict_keys`
     maps (with ``model.*`` and ``stage*``) onto ``backbone.<native key>``.
     """
-    renamed = normalize_state_dict_keys({k: v for k, v in state_dict.items() if not _PATH_INDEX_KEY.match(k)})
+    renamed = {k: v for k, v in normalize_state_dict_keys(state_dict).items() if not _PATH_INDEX_KEY.match(k)}
     has_edges = any(key.startswith("fc_edge") for key in renamed)
     result: dict[str, torch.Tensor] = {}
     for key, value in renamed.items():
