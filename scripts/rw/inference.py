@@ -38,10 +38,10 @@ from core import cli, distributed, inference, manifest, paths, runtime
 from core.artifacts import CAM_SUFFIX, cam_path, check_writable, load_cam, save_cam, strided_size
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.models import BACKBONES
 from core.multiscale import imagenet_normalize
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.rw.network import AffinityNet, load_affinity_net
+from core.rw.training import ARCHITECTURES
 from core.rw.walk import NORMALIZATIONS, check_walk_params, random_walk, rw_maps
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--architecture",
         type=str,
         default=None,
-        choices=list(BACKBONES),
+        choices=ARCHITECTURES,
         help="backbone of the AffinityNet (default: read from the weights)",
     )
     cli.add_arg(group, "--mode", type=str, default="fix", choices=("normal", "fix"), help="BatchNorm mode as trained")
