@@ -127,7 +127,7 @@ def saliency_background(saliency: np.ndarray, sal_threshold: float | None = None
     return (saliency < np.float32(sal_threshold)).astype(np.float32)
 
 
-def _labels_after_crf(
+def labels_after_crf(
     hr_cam: np.ndarray,
     keys: np.ndarray,
     background: float | np.ndarray,
@@ -135,7 +135,17 @@ def _labels_after_crf(
     crf_t: int,
     crf_gt_prob: float,
 ) -> np.ndarray:
-    """Label map int64 [H, W] (ids 0..C) for one background score, label-CRF-refined when ``crf_t > 0``."""
+    """Label map int64 [H, W] (ids 0 and ``keys``) for one background score: ``argmax([background, cams...])``
+    (ties go to the background), label-CRF-refined over ``max(n + 1, 2)`` labels when ``crf_t > 0``, mapped to keys.
+
+    Args:
+        hr_cam: float [n, H, W] in [0, 1], planes of ``keys``.
+        keys: int [n], label-map ids 1..C.
+        background: constant background score or float [H, W].
+        image: uint8 [H, W, 3] RGB, needed when ``crf_t > 0``.
+        crf_t: label-CRF iterations (0 = off).
+        crf_gt_prob: label-CRF confidence in (0, 1).
+    """
     compact = compact_labels(hr_cam, background)  # 0 = background, i = plane i - 1
     if crf_t > 0:
         if image is None:
@@ -176,11 +186,11 @@ def pseudo_mask(
         uint8 [H, W] with values in {0} U keys U {255}.
     """
     keys = np.asarray(keys, dtype=np.int64)
-    labels = _labels_after_crf(hr_cam, keys, background, image, crf_t, crf_gt_prob)
+    labels = labels_after_crf(hr_cam, keys, background, image, crf_t, crf_gt_prob)
     if bg_threshold is not None:
         if np.ndim(background) or bg_threshold > float(background):
             raise ValueError(f"bg_threshold {bg_threshold} needs a constant background threshold >= it")
-        low = _labels_after_crf(hr_cam, keys, bg_threshold, image, crf_t, crf_gt_prob)
+        low = labels_after_crf(hr_cam, keys, bg_threshold, image, crf_t, crf_gt_prob)
         labels = np.where(labels == 0, IGNORE_INDEX, labels)
         labels = np.where(low == 0, 0, labels)
     return labels.astype(np.uint8)
