@@ -12,13 +12,15 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from core import artifacts
+from core import artifacts, paths
 from core.errors import WSSSError, first_ids
 from core.inference import CamFolderJob
 from core.labels import IGNORE_INDEX, pseudo_mask
+from core.manifest import read_manifest
 from core.parallel import chunked, parallel_map
 
 
@@ -99,7 +101,8 @@ class PseudoMaskJob(CamFolderJob):
 
     def check_files(self, ids: Sequence[str], domain: str, hint: str = "") -> None:
         """Every id needs a CAM file (or a background-only label), and with ``sal_dir`` the ids that are decoded a
-        saliency map; else a one-line WSSSError naming the folder, the first missing ids and ``producer``.
+        saliency map; else a one-line WSSSError naming the folder, the first missing ids, the domain the folder was
+        made for when its manifest names another one, and ``producer``.
 
         Args:
             ids: the ids of the run.
@@ -109,7 +112,8 @@ class PseudoMaskJob(CamFolderJob):
         missing = self.missing_cam_files(ids)
         if missing:
             raise WSSSError(
-                f"{self.describe_missing(missing, len(ids))}; run {self.producer} for --domain {domain} first{hint}"
+                f"{self.describe_missing(missing, len(ids))}{folder_domain_hint(self.cam_dir, domain)}; "
+                f"run {self.producer} for --domain {domain} first{hint}"
             )
         if self.sal_dir is not None:
             decoded = [i for i in ids if i not in self.background_only or self.cam_file(i) is not None]
@@ -119,6 +123,20 @@ class PseudoMaskJob(CamFolderJob):
                     f"{len(no_saliency)} of {len(decoded)} saliency maps missing in {self.sal_dir} "
                     f"(first: {first_ids(no_saliency)}); make them first or fix --sal_dir"
                 )
+
+
+def known_background_only(source: Any) -> frozenset[str]:
+    """Ids whose image-level label is known and has no foreground class (ids without a label, e.g. of VOC
+    ``test``, are not among them: they need a CAM file)."""
+    return frozenset(i for i, label in source.labels().items() if label is not None and not np.any(label > 0))
+
+
+def folder_domain_hint(folder: Path, domain: str) -> str:
+    """``" (the folder was made for --domain val)"`` when ``folder``'s manifest records another domain, else ``""``."""
+    made = (read_manifest(folder) or {}).get("context", {}).get("domain")
+    if made and paths.domain_name(str(made)) != paths.domain_name(domain):
+        return f" (the folder was made for --domain {made})"
+    return ""
 
 
 def write_pseudo_masks(job: PseudoMaskJob, ids: Sequence[str]) -> int:

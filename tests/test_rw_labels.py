@@ -1,0 +1,208 @@
+"""Affinity labels (core.rw.labels, scripts/rw/make_affinity_labels.py) and RW pseudo labels
+(core.pseudo_masks, scripts/rw/make_pseudo_labels.py and its scripts/segmentation twin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import core.labels
+from core import cli, manifest, paths
+from core.artifacts import cam_path, load_label_map, save_cam, save_saliency, write_json
+from core.crf import crf_inference_labels
+from core.datasets import build_source
+from core.labels import labels_after_crf
+from core.rw.labels import affinity_labels, combine_confident
+from scripts.rw import make_affinity_labels
+
+FEW_IDS = 4
+
+# Two planes (keys 3 and 7) over a 2x4 image, and a saliency map.
+HAND_CAMS = np.array(
+    [
+        [[0.9, 0.5, 0.2, 0.02], [0.35, 0.0, 0.04, 0.6]],  # key 3
+        [[0.1, 0.6, 0.1, 0.01], [0.3, 0.2, 0.03, 0.1]],  # key 7
+    ],
+    dtype=np.float32,
+)
+HAND_SALIENCY = np.array([[0.9, 0.9, 0.05, 0.5], [0.8, 0.02, 0.5, 0.02]], dtype=np.float32)
+
+
+def test_affinity_label_rules_by_hand_without_saliency():
+    # fg 0.4: 3, 7, -, - / -, -, -, 3; bg 0.05: max <= 0.05 at (0, 3), (1, 2) -> 0; the rest is uncertain.
+    labels = affinity_labels(HAND_CAMS, [3, 7], 0.4, 0.05)
+    assert labels.dtype == np.uint8
+    assert labels.tolist() == [[3, 7, 255, 0], [255, 255, 0, 3]]
+    # A class wins over the background map (the reference's order): fg 0.4 == bg 0.4 gives no 255 at all.
+    assert 255 not in affinity_labels(HAND_CAMS, [3, 7], 0.4, 0.4)
+
+
+def test_affinity_label_rules_by_hand_with_saliency():
+    # salient = s > 0.1; fg = salient * argmax([0.4; cams]); class where fg, 0 where not salient, else 255.
+    labels = affinity_labels(HAND_CAMS, [3, 7], 0.4, 0.1, saliency=HAND_SALIENCY)
+    assert labels.tolist() == [[3, 7, 0, 255], [255, 0, 255, 0]]
+    # (1, 3): CAM 0.6 for key 3 but not salient -> background, not the class.
+    assert affinity_labels(HAND_CAMS, [3, 7], 0.4, 0.1)[1, 3] == 3
+
+
+def two_region_image() -> np.ndarray:
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[:, :8] = (200, 30, 30)
+    image[:, 8:] = (30, 30, 200)
+    return image
+
+
+def test_affinity_labels_with_the_crf_follow_the_refined_maps():
+    rng = np.random.default_rng(0)
+    image = two_region_image()
+    cams = np.zeros((1, 16, 16), np.float32)
+    cams[0, :, :8] = 0.8
+    cams = np.clip(cams + 0.3 * rng.random(cams.shape, dtype=np.float32) - 0.15, 0, 1)
+    saliency = (cams[0] > 0.5).astype(np.float32)
+    keys = np.array([4])
+    # No saliency: both maps are CRF'd with the given t and gt_prob.
+    got = affinity_labels(cams, keys, 0.5, 0.1, image=image, crf_t=3, crf_gt_prob=0.8)
+    fg = labels_after_crf(cams, keys, 0.5, image, 3, 0.8)
+    bg = labels_after_crf(cams, keys, 0.1, image, 3, 0.8)
+    assert np.array_equal(got, combine_confident(fg, bg == 0))
+    # Saliency: CRF(1[s > bg]) over 2 labels, then CRF(salient * argmax) over n + 1 labels.
+    got = affinity_labels(cams, keys, 0.5, 0.1, saliency=saliency, image=image, crf_t=3, crf_gt_prob=0.8)
+    salient = crf_inference_labels(image, (saliency > 0.1).astype(np.int64), 2, t=3, gt_prob=0.8)
+    compact = np.where(cams[0] > 0.5, 1, 0) * salient
+    fg = np.array([0, 4])[crf_inference_labels(image, compact, 2, t=3, gt_prob=0.8)]
+    assert np.array_equal(got, combine_confident(fg, salient == 0))
+    assert set(np.unique(got)) <= {0, 4, 255} and (got[:, :8] == 4).mean() > 0.9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scripts/rw/make_affinity_labels.py
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def gt_like_cams(gt: np.ndarray, keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """0.7 on the class, noise up to 0.35 elsewhere: float32 [n, H, W] in [0, 1]."""
+    planes = [0.7 * (gt == key) + 0.35 * rng.random(gt.shape) for key in keys]
+    return np.clip(np.stack(planes), 0, 1).astype(np.float32) if planes else np.zeros((0, *gt.shape), np.float32)
+
+
+@pytest.fixture()
+def few(tmp_path, monkeypatch, synthetic_voc):
+    """cwd = tmp_path; few.txt (4 train ids), their GT-like CAMs in experiments/predictions/cams@few and saliency
+    maps (GT foreground, blurred by noise) in sal/."""
+    monkeypatch.chdir(tmp_path)
+    source = build_source("voc12", synthetic_voc, "train")
+    ids = source.ids[:FEW_IDS]
+    (tmp_path / "few.txt").write_text("\n".join(ids) + "\n")
+    rng = np.random.default_rng(0)
+    for image_id in ids:
+        gt = source.read_mask(image_id)
+        keys = np.flatnonzero(source.label(image_id)) + 1
+        hr_cam = gt_like_cams(gt, keys, rng)
+        save_cam(cam_path(tmp_path / "experiments/predictions/cams@few", image_id), keys, hr_cam[:, ::4, ::4], hr_cam)
+        saliency = np.clip(0.8 * ((gt > 0) & (gt < 255)) + 0.3 * rng.random(gt.shape), 0, 1)
+        save_saliency(tmp_path / "sal" / f"{image_id}.png", saliency)
+    return ids
+
+
+def aff_flags(data_dir, *extra: str) -> list[str]:
+    domain = str(Path("few.txt").resolve())
+    common = ["--data_dir", str(data_dir), "--domain", domain, "--experiment_name", "cams@few", "--tag", "aff"]
+    return [*common, "--num_workers", "1", *extra]
+
+
+def make_aff(argv: list[str]) -> dict:
+    return make_affinity_labels.main(make_affinity_labels.get_args_parser().parse_args(argv))
+
+
+def expected_affinity(data_dir, image_id, fg, bg, sal=True, crf_t=0):
+    source = build_source("voc12", data_dir, "train")
+    cams_file = np.load(f"experiments/predictions/cams@few/{image_id}.npz")
+    saliency = np.asarray(Image.open(f"sal/{image_id}.png"), np.float32) / 255 if sal else None
+    image = source.read_image(image_id) if crf_t else None
+    return affinity_labels(cams_file["hr_cam"], cams_file["keys"], fg, bg, saliency=saliency, image=image, crf_t=crf_t)
+
+
+def test_affinity_labels_script_with_and_without_saliency(few, synthetic_voc):
+    summary = make_aff(aff_flags(synthetic_voc, "--sal_dir", "sal", "--fg_threshold", "0.4", "--bg_threshold", "0.1"))
+    out = Path(summary["out_dir"])
+    assert out == Path("experiments/predictions/aff@aff_fg=0.40_bg=0.10")
+    assert (summary["written"], summary["skipped"], summary["images"]) == (FEW_IDS, 0, FEW_IDS)
+    assert 0 < summary["foreground_fraction"] < summary["labelled_fraction"] < 1
+    for image_id in few:
+        with Image.open(out / f"{image_id}.png") as png:
+            assert png.mode == "P"
+        got = load_label_map(out / f"{image_id}.png")
+        assert np.array_equal(got, expected_affinity(synthetic_voc, image_id, 0.4, 0.1))
+    record = manifest.read_manifest(out)
+    assert record["complete"] and set(record["inputs"]) == {"cams", "saliency"}
+    assert record["context"]["threshold_rule"] == "given"
+    again = make_aff(aff_flags(synthetic_voc, "--sal_dir", "sal", "--fg_threshold", "0.4", "--bg_threshold", "0.1"))
+    assert (again["written"], again["skipped"]) == (0, FEW_IDS)
+
+    plain = make_aff(aff_flags(synthetic_voc))  # IRN branch, reference defaults 0.30 / 0.05
+    out = Path(plain["out_dir"])
+    assert out.name == "aff@aff_fg=0.30_bg=0.05"
+    for image_id in few:
+        got = load_label_map(out / f"{image_id}.png")
+        assert np.array_equal(got, expected_affinity(synthetic_voc, image_id, 0.3, 0.05, sal=False))
+        assert 255 in got and 0 in got
+
+
+def test_crf_flags_reach_the_crf_in_the_branch_without_saliency(few, synthetic_voc, monkeypatch):
+    calls = []
+
+    def recording_crf(image, labels, n_labels, t=10, gt_prob=0.7):
+        calls.append((n_labels, t, gt_prob))
+        return labels
+
+    monkeypatch.setattr(core.labels, "crf_inference_labels", recording_crf)
+    make_aff(aff_flags(synthetic_voc, "--crf_t", "3", "--crf_gt_prob", "0.85", "--output", "crf"))
+    assert len(calls) == 2 * FEW_IDS  # the fg map and the bg map of every image
+    assert {(t, gt_prob) for _, t, gt_prob in calls} == {(3, 0.85)}
+
+
+def test_auto_thresholds_come_from_the_cam_sweep(few, synthetic_voc, caplog):
+    sweep = paths.evaluation_dir(Path("experiments/predictions/cams@few")) / "results.json"
+    result = {"miou": 61.0, "threshold": 0.25, "sweep": [{"threshold": 0.2}, {"threshold": 0.25}]}
+    write_json(sweep, {**result, "uses_saliency": False, "protocol": {"mode": "npy", "domain": "train"}})
+    caplog.set_level("INFO")
+    summary = make_aff(aff_flags(synthetic_voc, "--fg_threshold", "auto", "--bg_threshold", "auto"))
+    assert Path(summary["out_dir"]).name == "aff@aff_fg=0.35_bg=0.15"
+    assert "fg = best + 0.1, bg = best - 0.1" in caplog.text and str(sweep) in caplog.text
+    assert set(manifest.read_manifest(summary["out_dir"])["inputs"]) == {"cams", "sweep"}
+    only_fg = make_aff(aff_flags(synthetic_voc, "--fg_threshold", "auto", "--sal_dir", "sal", "--bg_threshold", "0.1"))
+    assert Path(only_fg["out_dir"]).name == "aff@aff_fg=0.35_bg=0.10"
+
+
+def cli_error(main, parser, argv: list[str], capsys) -> str:
+    """Run a script through cli.run; assert exit status 2 and return stderr's last line (the error)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, parser, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") or "error:" in err.splitlines()[-1]
+    return err.splitlines()[-1]
+
+
+def test_affinity_labels_bad_input_is_one_line(few, synthetic_voc, capsys):
+    def error(*extra: str) -> str:
+        parser = make_affinity_labels.get_args_parser()
+        return cli_error(make_affinity_labels.main, parser, aff_flags(synthetic_voc, *extra), capsys)
+
+    (Path("sal") / f"{few[2]}.png").unlink()
+    assert f"1 of {FEW_IDS} saliency maps missing in sal (first: {few[2]})" in error("--sal_dir", "sal")
+    assert "thresholds the saliency map" in error("--sal_dir", "sal", "--bg_threshold", "auto")
+    assert "evaluate the CAM folder first" in error("--fg_threshold", "auto")  # no sweep yet
+    assert "--fg_threshold" in error("--fg_threshold", "1.5") and "[0, 1]" in error("--fg_threshold", "1.5")
+    assert "must not exceed --fg_threshold" in error("--bg_threshold", "0.5")
+
+    cams = Path("experiments/predictions/cams@few")
+    write_json(cams / "manifest.json", {"id": "x", "context": {"domain": "val"}, "complete": True})
+    (cams / f"{few[1]}.npz").unlink()
+    err = error()
+    assert f"1 of {FEW_IDS} CAM files missing in {cams} (first: {few[1]})" in err
+    assert "made for --domain val" in err and "scripts/cam/inference.py" in err
+    assert not list(Path("experiments/predictions").glob("aff@*"))  # nothing written
