@@ -8,7 +8,9 @@ checks that they belong together and writes ``<out_dir>/<id>.png`` atomically. T
 
 from __future__ import annotations
 
+import argparse
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from core import artifacts, paths
+from core import artifacts, cli, distributed, inference, manifest, paths, runtime
+from core.artifacts import check_writable
+from core.datasets import source_from_args
 from core.errors import WSSSError, first_ids
-from core.inference import CamFolderJob
 from core.labels import IGNORE_INDEX, pseudo_mask
-from core.manifest import read_manifest
 from core.parallel import chunked, parallel_map
+from core.paths import PREDICTIONS_DIR
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PseudoMaskJob(CamFolderJob):
+class PseudoMaskJob(inference.CamFolderJob):
     """Settings of a pseudo-mask run, sent once to each worker process (``source``: ``read_image``, ``image_path``,
     ``palette``, ``num_classes``; ``out_dir``: the ``<id>.png`` label maps; ``background_only`` ids get an all-zero
     mask without a CAM file).
@@ -133,7 +138,7 @@ def known_background_only(source: Any) -> frozenset[str]:
 
 def folder_domain_hint(folder: Path, domain: str) -> str:
     """``" (the folder was made for --domain val)"`` when ``folder``'s manifest records another domain, else ``""``."""
-    made = (read_manifest(folder) or {}).get("context", {}).get("domain")
+    made = (manifest.read_manifest(folder) or {}).get("context", {}).get("domain")
     if made and paths.domain_name(str(made)) != paths.domain_name(domain):
         return f" (the folder was made for --domain {made})"
     return ""
@@ -243,3 +248,208 @@ def require_classes(stats: LabelStats, folder: str | Path, min_foreground: float
         f"{folder} is almost all background ({stats.describe()}; at least {100 * min_foreground:g}% class pixels "
         f"expected): {remedy}, or pass --min_foreground 0 to accept these masks"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pseudo labels from random-walk folders (scripts/rw/make_pseudo_labels.py and its scripts/segmentation twin)
+# --------------------------------------------------------------------------------------------------------------------
+
+DOMAIN_FIELD = "{domain}"
+RW_PRODUCER = "scripts/rw/inference.py"
+# Flags that only name the input folders (their identities are the manifest's inputs) or gate the finished folder.
+_NAMING_FLAGS = frozenset({"domain", "domains", "experiment_name", "rw_dirs", "sal_dir", "min_foreground"})
+
+
+def add_rw_pseudo_label_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``make_pseudo_labels.py`` (reference names and defaults; runner values in the help)."""
+    cli.add_dataset_args(parser, domain="train")
+    group = parser.add_argument_group("random-walk folders")
+    cli.add_arg(
+        group,
+        "--domains",
+        type=cli.str_list,
+        action="append",
+        default=None,
+        help="several domains into one output folder, e.g. train_aug,val (comma-separated or repeated; "
+        "overrides --domain)",
+    )
+    cli.add_arg(
+        group,
+        "--experiment_name",
+        type=str,
+        default=None,
+        help=f"RW folder {PREDICTIONS_DIR}/<name> (from {RW_PRODUCER}); {DOMAIN_FIELD} in it stands for each domain",
+    )
+    cli.add_arg(
+        group,
+        "--rw_dirs",
+        type=cli.str_list,
+        default=None,
+        help="RW folders, one per domain in order (comma-separated)",
+    )
+    cli.add_arg(
+        group,
+        "--sal_dir",
+        type=str,
+        default=None,
+        help=f"background = 1 - <sal_dir>/<id>.png instead of --threshold ({DOMAIN_FIELD} allowed)",
+    )
+    cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy RW files (trusted files only)")
+    group = parser.add_argument_group("decoding")
+    cli.add_arg(
+        group, "--threshold", type=cli.unit_float, default=0.25, help="background score (default 0.25; runner 0.3)"
+    )
+    cli.add_arg(group, "--crf_t", type=int, default=10, help="label-CRF iterations (default 10; runner 1; 0 = off)")
+    cli.add_arg(group, "--crf_gt_prob", type=float, default=0.7, help="label-CRF confidence (default 0.7; runner 0.9)")
+    cli.add_arg(
+        group,
+        "--min_foreground",
+        type=cli.unit_float,
+        default=0.01,
+        help="stop when fewer pixels than this carry a class (default 0.01; 0 = no check)",
+    )
+    cli.add_pool_output_args(parser, "output folder (default experiments/predictions/<RW folder name>@crf=<crf_t>)")
+
+
+def rw_domains(args: argparse.Namespace) -> list[str]:
+    """``--domains`` (flattened, in order, without repeats), else ``[--domain]``."""
+    if not args.domains:
+        return [args.domain]
+    domains = [d for group in args.domains for d in group]
+    return list(dict.fromkeys(domains))
+
+
+def with_domain(text: str, domain: str) -> str:
+    """``text`` with ``{domain}`` replaced by the domain's folder name."""
+    return text.replace(DOMAIN_FIELD, paths.domain_name(domain))
+
+
+def rw_folders(args: argparse.Namespace, domains: Sequence[str]) -> list[Path]:
+    """One existing RW folder per domain: ``--rw_dirs``, or ``--experiment_name`` (with ``{domain}`` for several)."""
+    if args.rw_dirs:
+        if len(args.rw_dirs) != len(domains):
+            raise WSSSError(
+                f"--rw_dirs names {len(args.rw_dirs)} folders for {len(domains)} domains ({', '.join(domains)}); "
+                "give one per domain, in the same order"
+            )
+        folders = [Path(f) for f in args.rw_dirs]
+    elif args.experiment_name:
+        if len(domains) > 1 and DOMAIN_FIELD not in args.experiment_name:
+            raise WSSSError(
+                f"--experiment_name {args.experiment_name} names one folder for {len(domains)} domains; put "
+                f"{DOMAIN_FIELD} where the domain goes (e.g. rw/an@{DOMAIN_FIELD}@beta=10@exp_times=8@rw) or pass "
+                "--rw_dirs"
+            )
+        folders = [PREDICTIONS_DIR / with_domain(args.experiment_name, d) for d in domains]
+    else:
+        raise WSSSError("no RW folder given; pass --experiment_name NAME or --rw_dirs DIR[,DIR...]")
+    for folder, domain in zip(folders, domains, strict=True):
+        if not folder.is_dir():
+            raise WSSSError(f"RW folder {folder} of --domain {domain} does not exist; run {RW_PRODUCER} first")
+    return folders
+
+
+def rw_output_dir(args: argparse.Namespace, folders: Sequence[Path], domains: Sequence[str]) -> Path:
+    """``--output``, else ``<RW folder>@crf=<t>`` (the reference's name); for several domains the RW folders' common
+    name without its ``@<domain>`` part, e.g. ``an@train_aug@rw`` + ``an@val@rw`` -> ``an@rw@crf=1``."""
+    if args.output:
+        return Path(args.output)
+    if len(folders) == 1:
+        return paths.derived_dir(folders[0], f"crf={args.crf_t}")
+    names = set()
+    for folder, domain in zip(folders, domains, strict=True):
+        parts = folder.name.split("@")
+        if paths.domain_name(domain) in parts[1:]:
+            parts.remove(paths.domain_name(domain))
+        names.add(folder.with_name("@".join(parts)))
+    if len(names) != 1:
+        raise WSSSError(
+            f"the RW folders {', '.join(str(f) for f in folders)} differ beyond their @<domain> part, so they name no "
+            "common output folder; pass --output DIR"
+        )
+    return paths.derived_dir(names.pop(), f"crf={args.crf_t}")
+
+
+def _check_rw_flags(args: argparse.Namespace) -> None:
+    if args.crf_t < 0:
+        raise WSSSError(f"--crf_t must be 0 (off) or a number of iterations, got {args.crf_t}")
+    if args.crf_t > 0 and not 0 < args.crf_gt_prob < 1:
+        raise WSSSError(f"--crf_gt_prob must lie strictly between 0 and 1 for the label CRF, got {args.crf_gt_prob}")
+
+
+def _rw_jobs(args: argparse.Namespace, domains: Sequence[str], folders: Sequence[Path], out: Path) -> list[Any]:
+    """One :class:`PseudoMaskJob` per domain, its files checked; ids already in an earlier domain are dropped."""
+    jobs, seen = [], set()
+    for domain, folder in zip(domains, folders, strict=True):
+        source = source_from_args(args, domain)
+        sal_dir = Path(with_domain(args.sal_dir, domain)) if args.sal_dir else None
+        if sal_dir is not None and not sal_dir.is_dir():
+            raise WSSSError(f"saliency folder {sal_dir} of --domain {domain} does not exist; check --sal_dir")
+        job = PseudoMaskJob(
+            source=source, cam_dir=folder, out_dir=out, threshold=args.threshold, sal_dir=sal_dir,
+            crf_t=args.crf_t, crf_gt_prob=args.crf_gt_prob, allow_pickle=args.allow_pickle,
+            background_only=known_background_only(source), producer=RW_PRODUCER,
+        )  # fmt: skip
+        ids = [i for i in source.ids if i not in seen]
+        if len(ids) < len(source.ids):
+            logger.warning(
+                "%d ids of %s are in an earlier domain too; written once", len(source.ids) - len(ids), domain
+            )
+        job.check_files(ids, domain)
+        seen.update(ids)
+        jobs.append((domain, job, ids))
+    return jobs
+
+
+def make_rw_pseudo_labels(args: argparse.Namespace, script: str | Path) -> dict[str, Any]:
+    """The body of ``make_pseudo_labels.py``: pseudo labels of every domain's RW folder into one output folder.
+
+    Per id: ``argmax([threshold (or 1 - saliency); rw])`` -> optional label CRF -> keys, as palette PNGs;
+    background-only ids (known from their image-level label) get zeros without an RW file. Resumable, sharded under
+    torchrun, recorded in ``manifest.json``; the finished folder must hold classes (``--min_foreground``).
+
+    Args:
+        args: flags of :func:`add_rw_pseudo_label_args`.
+        script: the script recorded in the manifest (both entry points record ``scripts/rw/make_pseudo_labels.py``).
+    """
+    _check_rw_flags(args)
+    domains = rw_domains(args)
+    folders = rw_folders(args, domains)
+    out = rw_output_dir(args, folders, domains)
+    check_writable(out, "--output", folder=True)
+    jobs = _rw_jobs(args, domains, folders, out)
+    inputs: dict[str, Any] = {
+        f"rw@{paths.domain_name(d)}": manifest.folder_fingerprint(f) for d, f in zip(domains, folders, strict=True)
+    }
+    for domain, job, _ in jobs:
+        if job.sal_dir is not None:
+            inputs[f"saliency@{paths.domain_name(domain)}"] = manifest.folder_fingerprint(job.sal_dir)
+    context = {"dataset": args.dataset, "data_dir": args.data_dir, "domains": list(domains)}
+    outputs = out.glob(f"*{artifacts.PNG_SUFFIX}")
+    with runtime.stage_run(args, "rw", script, out, inputs, context, ignore=_NAMING_FLAGS, outputs=outputs) as run:
+        counts = {"written": 0, "skipped": 0, "background_only": 0}
+        for domain, job, ids in jobs:
+            pool = inference.run_over_chunks(
+                functools.partial(write_pseudo_masks, job), ids, out, artifacts.PNG_SUFFIX, dist=run.dist,
+                num_workers=args.num_workers, desc=f"pseudo labels of {domain}", log=logger, source_dir=job.cam_dir,
+            )  # fmt: skip
+            filled = len([i for i in pool.todo if i in job.background_only and job.cam_file(i) is None])
+            per_image = pool.seconds * pool.workers / pool.written if pool.written else 0.0
+            logger.info(
+                "%s: wrote %d pseudo labels in %.1f s (%.3f s per image per worker), %d background-only zeros",
+                domain, pool.written, pool.seconds, per_image, filled,
+            )  # fmt: skip
+            counts = {"written": counts["written"] + pool.written, "skipped": counts["skipped"] + pool.skipped,
+                      "background_only": counts["background_only"] + filled}  # fmt: skip
+        run.counts = counts
+        distributed.barrier()  # every rank's masks are written; rank 0 looks at the whole folder
+        if run.is_main:
+            stats = label_stats(out, [i for _, _, ids in jobs for i in ids], args.num_workers)
+            logger.info("pseudo labels in %s: %s", out, stats.describe())
+            remedy = (
+                f"the RW scores rarely beat --threshold {args.threshold:g}; score the RW folders with "
+                "scripts/evaluate.py --mode npy to find a better one"
+            )
+            require_classes(stats, out, args.min_foreground, remedy)
+            run.counts.update(stats.as_dict())
+        return {**run.counts, "out_dir": str(out), "domains": list(domains)}

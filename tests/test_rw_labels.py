@@ -13,10 +13,11 @@ import core.labels
 from core import cli, manifest, paths
 from core.artifacts import cam_path, load_label_map, save_cam, save_saliency, write_json
 from core.crf import crf_inference_labels
-from core.datasets import build_source
+from core.datasets import VOC_CLASSES, build_source
 from core.labels import labels_after_crf
 from core.rw.labels import affinity_labels, combine_confident
-from scripts.rw import make_affinity_labels
+from scripts.rw import make_affinity_labels, make_pseudo_labels
+from scripts.segmentation import make_pseudo_labels as seg_make_pseudo_labels
 
 FEW_IDS = 4
 
@@ -206,3 +207,125 @@ def test_affinity_labels_bad_input_is_one_line(few, synthetic_voc, capsys):
     assert f"1 of {FEW_IDS} CAM files missing in {cams} (first: {few[1]})" in err
     assert "made for --domain val" in err and "scripts/cam/inference.py" in err
     assert not list(Path("experiments/predictions").glob("aff@*"))  # nothing written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scripts/rw/make_pseudo_labels.py (and scripts/segmentation/make_pseudo_labels.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+RW_KEYS = {"a": [12, 8], "c": [15], "d": [8]}  # b: background only (labels.csv), no RW file
+
+
+@pytest.fixture()
+def rw_root(tmp_path, monkeypatch, synthetic_voc):
+    """cwd = tmp_path; a custom dataset (images a..d) whose ``train`` list (a, b) has image labels (b: background
+    only) and whose ``test`` list (c, d) has none; RW folders experiments/predictions/rw@<domain>@rw with random
+    scores for a, c, d; saliency maps for every id in sal/."""
+    monkeypatch.chdir(tmp_path)
+    voc = build_source("voc12", synthetic_voc, "train")
+    root = tmp_path / "custom"
+    (root / "images").mkdir(parents=True)
+    (root / "lists").mkdir()
+    for name, image_id in zip("abcd", voc.ids, strict=False):
+        Image.fromarray(voc.read_image(image_id)).save(root / "images" / f"{name}.png")
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    (root / "lists" / "train.txt").write_text("a\nb\n")
+    (root / "lists" / "test.txt").write_text("c\nd\n")
+    (root / "labels.csv").write_text("a,dog|cat\nb,\n")
+    rng = np.random.default_rng(3)
+    for name, keys in RW_KEYS.items():
+        domain = "train" if name == "a" else "test"
+        rw = rng.random((len(keys), 64, 64)).astype(np.float32)
+        save_cam(cam_path(f"experiments/predictions/rw@{domain}@rw", name), keys, rw[:, ::4, ::4], rw)
+    for name in "abcd":
+        save_saliency(tmp_path / "sal" / f"{name}.png", rng.random((64, 64)).astype(np.float32))
+    return root
+
+
+def rw_flags(root: Path, *extra: str) -> list[str]:
+    return ["--dataset", "custom", "--data_dir", str(root), "--num_workers", "1", "--crf_t", "0", *extra]
+
+
+def make_labels(argv: list[str], script=make_pseudo_labels) -> dict:
+    return script.main(script.get_args_parser().parse_args(argv))
+
+
+def rw_scores(name: str) -> tuple[np.ndarray, np.ndarray]:
+    domain = "train" if name == "a" else "test"
+    with np.load(f"experiments/predictions/rw@{domain}@rw/{name}.npz") as data:
+        return data["hr_cam"], data["keys"]
+
+
+def test_pseudo_labels_of_one_domain_are_the_thresholded_argmax(rw_root):
+    summary = make_labels(
+        rw_flags(rw_root, "--domain", "test", "--experiment_name", "rw@test@rw", "--threshold", "0.6")
+    )
+    out = Path(summary["out_dir"])
+    assert out == Path("experiments/predictions/rw@test@rw@crf=0")  # the reference's name
+    assert (summary["written"], summary["images"]) == (2, 2)
+    for name in "cd":
+        rw, keys = rw_scores(name)
+        with Image.open(out / f"{name}.png") as png:
+            assert png.mode == "P"
+        expected = np.where(rw.max(axis=0) > 0.6, np.asarray(keys)[rw.argmax(axis=0)], 0)
+        assert np.array_equal(load_label_map(out / f"{name}.png"), expected)
+        assert set(np.unique(expected)) == {0, *keys}
+
+
+def test_saliency_background_plane_is_one_minus_saliency(rw_root):
+    summary = make_labels(rw_flags(rw_root, "--domain", "test", "--experiment_name", "rw@test@rw", "--sal_dir", "sal"))
+    rw, keys = rw_scores("c")
+    saliency = np.asarray(Image.open("sal/c.png"), np.float32) / np.float32(255)
+    expected = np.where(rw.max(axis=0) > 1 - saliency, np.asarray(keys)[rw.argmax(axis=0)], 0)
+    got = load_label_map(Path(summary["out_dir"]) / "c.png")
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, np.where(rw.max(axis=0) > saliency, keys[0], 0))  # not the reference's plane
+
+
+def test_several_domains_share_one_folder_and_both_entry_points(rw_root):
+    argv = rw_flags(rw_root, "--domains", "train", "--domains", "test", "--experiment_name", "rw@{domain}@rw")
+    summary = make_labels(argv)
+    out = Path(summary["out_dir"])
+    assert out == Path("experiments/predictions/rw@rw@crf=0")
+    assert summary["domains"] == ["train", "test"]
+    assert (summary["written"], summary["background_only"]) == (4, 1)
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png", "d.png"]
+    assert not load_label_map(out / "b.png").any()  # background-only image: zeros, no RW file needed
+    assert set(manifest.read_manifest(out)["inputs"]) == {"rw@train", "rw@test"}
+    # The segmentation path runs the same code: it resumes the folder instead of refusing it.
+    again = make_labels(argv, script=seg_make_pseudo_labels)
+    assert (again["written"], again["skipped"]) == (0, 4)
+    listed = make_labels(
+        rw_flags(rw_root, "--domains", "train,test", "--rw_dirs", "experiments/predictions/rw@train@rw,"
+                 "experiments/predictions/rw@test@rw")
+    )  # fmt: skip
+    assert listed["out_dir"] == summary["out_dir"] and listed["skipped"] == 4
+
+
+def test_an_almost_all_background_folder_stops_the_run(rw_root, capsys):
+    argv = rw_flags(rw_root, "--domain", "test", "--experiment_name", "rw@test@rw", "--threshold", "1.0")
+    err = cli_error(make_pseudo_labels.main, make_pseudo_labels.get_args_parser(), argv, capsys)
+    assert "is almost all background" in err and "0.0% class pixels" in err and "--min_foreground 0" in err
+    out = Path("experiments/predictions/rw@test@rw@crf=0")
+    assert not manifest.read_manifest(out)["complete"]
+    summary = make_labels([*argv, "--min_foreground", "0"])  # accepted on request, the written masks are kept
+    assert (summary["written"], summary["skipped"], summary["foreground_fraction"]) == (0, 2, 0.0)
+
+
+def test_pseudo_labels_bad_input_is_one_line(rw_root, capsys):
+    def error(*extra: str) -> str:
+        return cli_error(
+            make_pseudo_labels.main, make_pseudo_labels.get_args_parser(), rw_flags(rw_root, *extra), capsys
+        )
+
+    Path("experiments/predictions/rw@test@rw/d.npz").unlink()
+    err = error("--domains", "train,test", "--experiment_name", "rw@{domain}@rw")
+    assert "1 of 2 CAM files missing in experiments/predictions/rw@test@rw (first: d)" in err
+    assert "scripts/rw/inference.py for --domain test" in err
+    assert "put {domain} where the domain goes" in error("--domains", "train,test", "--experiment_name", "rw@test@rw")
+    assert "2 folders for 1 domains" in error("--rw_dirs", "x,y")
+    assert "does not exist" in error("--domain", "test", "--experiment_name", "rw@nowhere")
+    (Path("sal") / "a.png").unlink()
+    err = error("--domain", "train", "--experiment_name", "rw@train@rw", "--sal_dir", "sal")
+    assert "1 of 1 saliency maps missing in sal (first: a)" in err  # b is background-only: no map needed
+    assert not Path("experiments/predictions/rw@train@rw@crf=0").exists()  # nothing written
