@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,35 @@ def write_pseudo_masks(job: PseudoMaskJob, ids: Sequence[str]) -> int:
             job.out_dir / f"{image_id}{artifacts.PNG_SUFFIX}", job.label_map(image_id), palette=job.source.palette
         )
     return len(ids)
+
+
+def write_in_pool(job: PseudoMaskJob, ids: Sequence[str], run: Any, num_workers: int, desc: str) -> Counter[str]:
+    """Write the label maps of this rank's pending ``ids`` in a worker pool (:func:`core.inference.run_over_chunks`)
+    and log the time per image; returns the counts ``written``, ``skipped`` and ``background_only`` (zeros written
+    without a CAM file). ``run``: the :class:`core.runtime.StageRun`."""
+    pool = inference.run_over_chunks(
+        functools.partial(write_pseudo_masks, job), ids, job.out_dir, artifacts.PNG_SUFFIX, dist=run.dist,
+        num_workers=num_workers, desc=desc, log=logger, source_dir=job.cam_dir,
+    )  # fmt: skip
+    filled = len([i for i in pool.todo if i in job.background_only and job.cam_file(i) is None])
+    per_image = pool.seconds * pool.workers / pool.written if pool.written else 0.0
+    logger.info(
+        "%s: wrote %d in %.1f s (%.3f s per image per worker, %d workers), %d background-only zeros, to %s",
+        desc, pool.written, pool.seconds, per_image, pool.workers, filled, job.out_dir,
+    )  # fmt: skip
+    return Counter({"written": pool.written, "skipped": pool.skipped, "background_only": filled})
+
+
+def summarise_folder(run: Any, folder: Path, ids: Sequence[str], num_workers: int, what: str) -> LabelStats | None:
+    """After every rank has written: :func:`label_stats` of ``ids`` on rank 0 (logged, added to ``run.counts``);
+    None on the other ranks."""
+    distributed.barrier()
+    if not run.is_main:
+        return None
+    stats = label_stats(folder, ids, num_workers)
+    logger.info("%s in %s: %s", what, folder, stats.describe())
+    run.counts.update(stats.as_dict())
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -427,29 +457,15 @@ def make_rw_pseudo_labels(args: argparse.Namespace, script: str | Path) -> dict[
     context = {"dataset": args.dataset, "data_dir": args.data_dir, "domains": list(domains)}
     outputs = out.glob(f"*{artifacts.PNG_SUFFIX}")
     with runtime.stage_run(args, "rw", script, out, inputs, context, ignore=_NAMING_FLAGS, outputs=outputs) as run:
-        counts = {"written": 0, "skipped": 0, "background_only": 0}
+        counts: Counter[str] = Counter()
         for domain, job, ids in jobs:
-            pool = inference.run_over_chunks(
-                functools.partial(write_pseudo_masks, job), ids, out, artifacts.PNG_SUFFIX, dist=run.dist,
-                num_workers=args.num_workers, desc=f"pseudo labels of {domain}", log=logger, source_dir=job.cam_dir,
-            )  # fmt: skip
-            filled = len([i for i in pool.todo if i in job.background_only and job.cam_file(i) is None])
-            per_image = pool.seconds * pool.workers / pool.written if pool.written else 0.0
-            logger.info(
-                "%s: wrote %d pseudo labels in %.1f s (%.3f s per image per worker), %d background-only zeros",
-                domain, pool.written, pool.seconds, per_image, filled,
-            )  # fmt: skip
-            counts = {"written": counts["written"] + pool.written, "skipped": counts["skipped"] + pool.skipped,
-                      "background_only": counts["background_only"] + filled}  # fmt: skip
-        run.counts = counts
-        distributed.barrier()  # every rank's masks are written; rank 0 looks at the whole folder
-        if run.is_main:
-            stats = label_stats(out, [i for _, _, ids in jobs for i in ids], args.num_workers)
-            logger.info("pseudo labels in %s: %s", out, stats.describe())
+            counts += write_in_pool(job, ids, run, args.num_workers, f"pseudo labels of {domain}")
+        run.counts = {key: counts[key] for key in ("written", "skipped", "background_only")}
+        stats = summarise_folder(run, out, [i for _, _, ids in jobs for i in ids], args.num_workers, "pseudo labels")
+        if stats is not None:
             remedy = (
                 f"the RW scores rarely beat --threshold {args.threshold:g}; score the RW folders with "
                 "scripts/evaluate.py --mode npy to find a better one"
             )
             require_classes(stats, out, args.min_foreground, remedy)
-            run.counts.update(stats.as_dict())
         return {**run.counts, "out_dir": str(out), "domains": list(domains)}

@@ -24,12 +24,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 from pathlib import Path
 from typing import Any
 
-from core import cli, distributed, inference, manifest, paths, pseudo_masks, runtime
+from core import cli, manifest, paths, pseudo_masks, runtime
 from core.artifacts import PNG_SUFFIX, check_writable
 from core.datasets import source_from_args
 from core.errors import WSSSError
@@ -139,22 +138,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             fg, bg, rule, f"saliency {job.sal_dir}" if job.sal_dir else "no saliency",
             f"t={job.crf_t} gt_prob={job.crf_gt_prob:g}" if job.crf_t > 0 else "off",
         )  # fmt: skip
-        writer = functools.partial(pseudo_masks.write_pseudo_masks, job)
-        pool = inference.run_over_chunks(
-            writer, source.ids, job.out_dir, PNG_SUFFIX, dist=run.dist, num_workers=args.num_workers,
-            desc="affinity labels", log=logger, source_dir=cams,
-        )  # fmt: skip
-        per_image = pool.seconds * pool.workers / pool.written if pool.written else 0.0
-        logger.info(
-            "wrote %d affinity label maps in %.1f s (%.3f s per image per worker, %d workers) to %s",
-            pool.written, pool.seconds, per_image, pool.workers, job.out_dir,
-        )  # fmt: skip
-        run.counts = {"written": pool.written, "skipped": pool.skipped}
-        distributed.barrier()  # every rank's maps are written; rank 0 summarises the folder
-        if run.is_main:
-            stats = pseudo_masks.label_stats(job.out_dir, source.ids, args.num_workers)
-            logger.info("affinity labels: %s", stats.describe())
-            run.counts.update(stats.as_dict())
+        run.counts = dict(pseudo_masks.write_in_pool(job, source.ids, run, args.num_workers, "affinity labels"))
+        pseudo_masks.summarise_folder(run, job.out_dir, source.ids, args.num_workers, "affinity labels")
         return {**run.counts, "out_dir": str(job.out_dir), "fg_threshold": fg, "bg_threshold": bg, "rule": rule}
 
 
