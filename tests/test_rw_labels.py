@@ -66,8 +66,10 @@ def test_affinity_labels_with_the_crf_follow_the_refined_maps():
     keys = np.array([4])
     # No saliency: both maps are CRF'd with the given t and gt_prob.
     got = affinity_labels(cams, keys, 0.5, 0.1, image=image, crf_t=3, crf_gt_prob=0.8)
-    fg = labels_after_crf(cams, keys, 0.5, image, 3, 0.8)
-    bg = labels_after_crf(cams, keys, 0.1, image, 3, 0.8)
+    fg = np.array([0, 4])[crf_inference_labels(image, (cams[0] > 0.5).astype(np.int64), 2, t=3, gt_prob=0.8)]
+    bg = np.array([0, 4])[crf_inference_labels(image, (cams[0] > 0.1).astype(np.int64), 2, t=3, gt_prob=0.8)]
+    shared = labels_after_crf(cams, keys, [0.5, 0.1], image, 3, 0.8)  # one CRF for both maps: same results
+    assert np.array_equal(shared[0], fg) and np.array_equal(shared[1], bg)
     assert np.array_equal(got, combine_confident(fg, bg == 0))
     # Saliency: CRF(1[s > bg]) over 2 labels, then CRF(salient * argmax) over n + 1 labels.
     got = affinity_labels(cams, keys, 0.5, 0.1, saliency=saliency, image=image, crf_t=3, crf_gt_prob=0.8)
@@ -155,14 +157,13 @@ def test_affinity_labels_script_with_and_without_saliency(few, synthetic_voc):
 def test_crf_flags_reach_the_crf_in_the_branch_without_saliency(few, synthetic_voc, monkeypatch):
     calls = []
 
-    def recording_crf(image, labels, n_labels, t=10, gt_prob=0.7):
-        calls.append((n_labels, t, gt_prob))
-        return labels
+    def recording_crf(image, label_maps, n_labels, t=10, gt_prob=0.7):
+        calls.append((len(label_maps), t, gt_prob))
+        return label_maps
 
-    monkeypatch.setattr(core.labels, "crf_inference_labels", recording_crf)
+    monkeypatch.setattr(core.labels, "crf_inference_label_maps", recording_crf)
     make_aff(aff_flags(synthetic_voc, "--crf_t", "3", "--crf_gt_prob", "0.85", "--output", "crf"))
-    assert len(calls) == 2 * FEW_IDS  # the fg map and the bg map of every image
-    assert {(t, gt_prob) for _, t, gt_prob in calls} == {(3, 0.85)}
+    assert calls == [(2, 3, 0.85)] * FEW_IDS  # the fg and the bg map of every image, in one CRF
 
 
 def test_auto_thresholds_come_from_the_cam_sweep(few, synthetic_voc, caplog):

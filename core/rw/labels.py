@@ -80,8 +80,7 @@ def affinity_labels(
     if crf_t > 0 and image is None:
         raise ValueError("the label CRF needs the image")
     if saliency is None:
-        fg_labels = labels_after_crf(hr_cam, keys, fg_threshold, image, crf_t, crf_gt_prob)
-        bg_labels = labels_after_crf(hr_cam, keys, bg_threshold, image, crf_t, crf_gt_prob)
+        fg_labels, bg_labels = labels_after_crf(hr_cam, keys, [fg_threshold, bg_threshold], image, crf_t, crf_gt_prob)
         return combine_confident(fg_labels, bg_labels == 0)
     salient = compact_labels(np.asarray(saliency, dtype=np.float32)[None], bg_threshold)  # 1 where s > bg_threshold
     if crf_t > 0:
