@@ -8,10 +8,10 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -264,10 +264,7 @@ def test_a_run_writes_loadable_weights_and_resumes_to_the_uninterrupted_result(
     assert all(torch.equal(a[f"backbone.{k}"], v) for k, v in backbone.items())  # frozen: BN statistics too
 
 
-def test_bad_label_folders_and_backbone_weights_are_refused_in_one_line(
-    synthetic_voc, affinity_labels, tmp_path, monkeypatch
-):
-    monkeypatch.chdir(tmp_path)
+def test_bad_label_folders_and_backbone_weights_are_refused_in_one_line(synthetic_voc, affinity_labels, tmp_path):
 
     def error_of(labels: Path | str, *extra: str) -> str:
         with pytest.raises(WSSSError) as error:
@@ -320,12 +317,9 @@ def _held_out_scores(model: AffinityNet, source) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_of_held_out_images_and_raises_their_boundaries(
-    synthetic_voc, affinity_labels, tmp_path, monkeypatch
-):
+def test_training_lowers_the_loss_of_held_out_images_and_raises_their_boundaries(synthetic_voc, affinity_labels):
     # A random (seeded) backbone: ImageNet weights cannot be downloaded in tests, so the edge branch learns from
     # random features; 10 epochs of 3 steps still separate the boundaries of unseen images.
-    monkeypatch.chdir(tmp_path)
     val = build_source("voc12", synthetic_voc, "val")
     torch.manual_seed(0)
     before = _held_out_scores(AffinityNet("resnet18").eval(), val)
@@ -341,10 +335,10 @@ def test_two_processes_update_like_one_process(synthetic_voc, affinity_labels, t
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = commands.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single = [f if f != "ddp" else "single" for f in flags]
-    subprocess.run(
+    commands.run(
         [sys.executable, __file__, *single], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300
     )
     ddp = torch.load(tmp_path / "experiments/models/ddp.pth", weights_only=True)
