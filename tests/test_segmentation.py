@@ -4,7 +4,9 @@ domains without ground truth, the VOC test export; resnet18, random weights, 64 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -15,18 +17,19 @@ from PIL import Image
 from torch import nn
 
 from core.artifacts import load_label_map, save_label_map
-from core.datasets import build_source
+from core.datasets import SegmentationDataset, build_source
 from core.errors import WSSSError
 from core.models import load_classifier_weights
 from core.segmentation.network import DeepLabV3Plus
 from core.segmentation.predict import multiscale_probs
+from core.segmentation.training import validate_segmentation
 from scripts import evaluate
 from scripts.segmentation import inference, train
 from tools import export_voc_test
 
 pytestmark = pytest.mark.torch_threads(2)
 
-SCALES = "0.5,1.0,1.5,2.0"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def small(**kwargs) -> DeepLabV3Plus:
@@ -246,3 +249,33 @@ def test_broken_label_folders_are_refused_in_one_line_before_any_folder(kind, sy
         train.main(args)
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "experiments/models/seg").exists()
+
+
+# -- learning ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deeplab_trained_on_synthetic_gt_beats_an_untrained_network(synthetic_voc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = train_flags(synthetic_voc, "seg/learn", "--optimizer", "adamw", "--lr", "0.001", "--lr_alpha_scratch", "1")
+    flags += ["--domain_train", "train", "--batch_size", "4", "--max_epoch", "8", "--min_image_size", "64"]
+    flags += ["--max_image_size", "64", "--print_ratio", "1"]
+    args = train.get_args_parser().parse_args(flags)
+    summary = train.main(args)
+
+    source = build_source("voc12", synthetic_voc, "val")
+    loader = torch.utils.data.DataLoader(SegmentationDataset(source, None), batch_size=1)
+    torch.manual_seed(0)
+    untrained = validate_segmentation(DeepLabV3Plus("resnet18", 21), loader, torch.device("cpu"), source.classes)
+    assert summary["val/miou"] > untrained["miou"] + 5, (summary["val/miou"], untrained["miou"])
+    assert summary["val/miou_fg"] > 1  # foreground classes are found, not only the background prior
+
+
+def test_runner_refuses_a_missing_label_folder_naming_the_stage_to_run(tmp_path):
+    env = os.environ | {"WORK_DIR": str(tmp_path), "DATASET": "synthetic", "LABEL_NAME": "rw/none@train", "NGPU": "1"}
+    done = subprocess.run(
+        ["bash", str(REPO / "runners" / "4-segmentation.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "experiments/predictions/rw/none@train" in done.stderr and "3-rw.sh" in done.stderr
+    assert not (tmp_path / "experiments" / "models").exists()
