@@ -299,9 +299,9 @@ def build_valid_loader(args: argparse.Namespace, labels: Any, run: runtime.Run) 
     if not args.validate:
         return None
     against_labels = args.validate_against == "labels" and labels is not None
-    source = source_from_args(args, domain=args.domain_valid) if not against_labels else None
-    if against_labels:
-        source = source_from_args(argparse.Namespace(**{**vars(args), "masks_dir": str(labels)}), args.domain_valid)
+    # --masks_dir names the training labels: the ground truth is the dataset's own masks.
+    masks_dir = str(labels) if against_labels else None
+    source = source_from_args(argparse.Namespace(**{**vars(args), "masks_dir": masks_dir}), args.domain_valid)
     if not source.has_masks:
         raise WSSSError(
             f"--domain_valid {args.domain_valid} has no masks to validate against"
