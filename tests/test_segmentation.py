@@ -131,13 +131,13 @@ def train_flags(data_dir: Path, tag: str, *extra: str) -> list[str]:
 
 def test_train_infer_evaluate_and_export(synthetic_voc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = train.get_args_parser().parse_args(
-        train_flags(synthetic_voc, "seg/r18", "--augment", "colorjitter,cutmix", "--label_smoothing", "0.1")
-    )
+    extra = ["--augment", "colorjitter,cutmix", "--label_smoothing", "0.1", "--final_weights", "best"]
+    args = train.get_args_parser().parse_args(train_flags(synthetic_voc, "seg/r18", *extra))
     summary = train.main(args)
     run_dir = tmp_path / "experiments/models/seg/r18"
     assert {"last.pth", "best.pth", "manifest.json", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}
-    assert (tmp_path / "experiments/models/seg/r18.pth").is_file()
+    final = tmp_path / "experiments/models/seg/r18.pth"
+    assert final.read_bytes() == (run_dir / "best.pth").read_bytes()  # --final_weights best
     assert 0 <= summary["val/miou"] <= 100 and summary["best_epoch"] == 1
 
     common = ["--tag", "seg/r18", "--data_dir", str(synthetic_voc), "--architecture", "resnet18"]
