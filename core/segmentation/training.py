@@ -192,8 +192,9 @@ def add_network(ctx: TrainContext, args: argparse.Namespace, num_classes: int) -
     groups = build_param_groups(model.param_groups(), args.lr, args.wd, args.lr_alpha_scratch, args.lr_alpha_bias)
     optimizer = build_optimizer(groups, args.optimizer, nesterov=args.nesterov)
     scheduler = PolyLR(optimizer, ctx.total_optimizer_steps)
-    # SyncBN would replace the backbone's frozen BN of --mode fix with a trainable one: only in normal mode.
-    sync_bn = bool(args.sync_bn) and args.mode == "normal"
+    # SyncBN would replace the backbone's frozen BN of --mode fix with a trainable one: only in normal mode; and
+    # torch's SyncBatchNorm runs on GPUs only (a CPU torchrun keeps per-process BatchNorm).
+    sync_bn = bool(args.sync_bn) and args.mode == "normal" and ctx.device.type == "cuda"
     return ctx.add(
         NETWORK, model, optimizer, scheduler, max_grad_norm=args.max_grad_norm, ema=args.ema, sync_bn=sync_bn
     )
