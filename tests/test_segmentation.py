@@ -279,3 +279,14 @@ def test_runner_refuses_a_missing_label_folder_naming_the_stage_to_run(tmp_path)
     assert done.returncode == 2
     assert "experiments/predictions/rw/none@train" in done.stderr and "3-rw.sh" in done.stderr
     assert not (tmp_path / "experiments" / "models").exists()
+
+
+def test_benchmark_seg_reports_positive_rates_beside_limits(capsys):
+    from tools import benchmark
+
+    flags = ["seg", "--architecture", "resnet18", "--size", "32", "--batch_size", "2", "--steps", "1", "--warmup", "0"]
+    result = benchmark.main(benchmark.get_args_parser().parse_args([*flags, "--scales", "1.0", "--device", "cpu"]))
+    assert set(result["stages"]) == {"train", "inference"}
+    for stage in result["stages"].values():
+        assert stage["images_per_s"] > 0 and stage["limit"]["images_per_s"] > 0
+    assert '"benchmark": "seg"' in capsys.readouterr().out
