@@ -198,6 +198,7 @@ def test_test_domain_without_ground_truth(synthetic_voc, tmp_path, monkeypatch):
     # The dataset reader decides the class count: a 6-class network (5 synthetic classes) is not VOC's 21.
     with pytest.raises(WSSSError, match="21 classes"):
         inference.main(inference.get_args_parser().parse_args(flags))
+    assert not (tmp_path / "experiments").exists()  # refused before any folder was made
     torch.save(DeepLabV3Plus("resnet18", 21).state_dict(), weights)
     result = inference.main(inference.get_args_parser().parse_args(flags))
     assert result["written"] == 3

@@ -129,6 +129,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = output_dir(args)
     name = args.weights or args.tag
     weights = paths.existing_weights_path(name, f"train them first (python scripts/segmentation/train.py --tag {name})")
+    # Loaded before the folder is made: a checkpoint of another network or class count leaves nothing behind.
+    model = training.trained_network(args, source.num_classes + 1, weights, torch.device("cpu"))
     with runtime.stage_run(
         args,
         "seg",
@@ -142,7 +144,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ) as run:
         fmt = compute_format(bool(args.mixed_precision), run.device)
         log_compute_format(fmt, "segmentation inference")
-        model = training.trained_network(args, source.num_classes + 1, weights, run.device)
+        model = model.to(run.device)
         if fmt.channels_last:
             model = model.to(memory_format=torch.channels_last)
         logger.info(
