@@ -58,7 +58,7 @@ def resize_bicubic(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, resample=Image.BICUBIC))
 
 
-def _pair_batch(image: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+def flip_pair_batch(image: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
     """The normalised image and its mirror: float32 [2, 3, h, w] on ``device``, channels-last if asked.
 
     Channels-last is the [h, w, 3] layout normalisation already produces, so that batch is built without the
@@ -89,7 +89,7 @@ def _flip_pair_cams(
     ``channels`` (long [n], 0-based) selects classes before any resizing, which is exact because the later bilinear
     resizing and summing act on each channel separately; None keeps all C channels. ``amp_dtype`` None = fp32.
     """
-    batch = _pair_batch(image, device, channels_last)
+    batch = flip_pair_batch(image, device, channels_last)
     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         _, maps = model(batch, with_cam=True)
     maps = maps.float()

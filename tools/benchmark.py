@@ -21,6 +21,9 @@
                (default half VOC, VOC 375x500, COCO 480x640) with random seeds and boundaries, beside the dense
                reference route (N x N, squared exp_times times) where N <= --dense_max_n; for larger sizes the
                dense route's memory (the N x N matrices) and its time scaled by N^3 from the largest one measured.
+    seg        DeepLabV3+ images/s: train (core.segmentation.training's step: CE, momentum SGD of the x1/x10 groups;
+               limit: forward + backward of the same network and batch) and inference (multi-scale + flip
+               probabilities of one image, core.segmentation.predict; limit: the bare forward passes).
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -33,6 +36,7 @@ Example:
     python tools/benchmark.py inference --architecture resnet50 --size 320 --scales 0.5,1.0,1.5,2.0 --images 8
     python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
     python tools/benchmark.py rw --sizes 188x250,375x500,480x640 --classes 2 --device cpu --threads 2
+    python tools/benchmark.py seg --architecture resnet50 --size 320 --batch_size 4 --device cpu
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
 from core.rw import walk as rw_walk
+from core.segmentation import training as seg_training
+from core.segmentation.predict import multiscale_probs
 from poolnet import test as poolnet_test
 from poolnet import train as poolnet_train
 from poolnet.model import PoolNet
@@ -864,6 +870,109 @@ def run_rw(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# seg: DeepLabV3+ training step and multi-scale inference (random weights, random data)
+# --------------------------------------------------------------------------------------------------------------------
+
+SEG_STAGES = ("train", "inference")
+SEG_CLASSES = 21  # VOC's classes with the background
+
+
+def add_seg_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, size=320)
+    parser.set_defaults(architecture="resnet50")
+    cli.add_bool_arg(parser, "--use_gn", True, "GroupNorm head (the runner's) instead of BatchNorm")
+    cli.add_bool_arg(parser, "--dilated", False, "output stride 8 instead of 16")
+    cli.add_arg(parser, "--batch_size", type=int, default=4, help="training images per step (default 4)")
+    cli.add_arg(parser, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="inference scales")
+    cli.add_arg(parser, "--steps", type=int, default=3, help="timed steps or images per stage (default 3)")
+    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    cli.add_arg(
+        parser, "--stages", type=cli.str_list, default=list(SEG_STAGES), help=f"subset of {','.join(SEG_STAGES)}"
+    )
+
+
+def _seg_flags(args: argparse.Namespace) -> argparse.Namespace:
+    flags = seg_training.get_args_parser("benchmark", "").parse_args(["--optimizer", "momentum"])
+    flags.architecture, flags.backbone_weights, flags.use_gn = args.architecture, "none", args.use_gn
+    flags.dilated, flags.batch_size, flags.max_epoch = args.dilated, args.batch_size, 1
+    flags.mixed_precision = bool(args.mixed_precision)
+    return flags
+
+
+def seg_train_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    """DeepLabV3+'s training step (:func:`core.segmentation.training.make_step_fn`) on random images and masks."""
+    flags = _seg_flags(args)
+    ctx = bench_context(args, flags, device)
+    seg_training.add_network(ctx, flags, SEG_CLASSES)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
+        "mask": torch.randint(0, SEG_CLASSES, (args.batch_size, args.size, args.size), generator=generator),
+    }
+    step = engine_step(seg_training.make_step_fn(flags), ctx, batch)
+    return {
+        "stage": step,
+        "limit": forward_backward(ctx, seg_training.network_from_flags(flags, SEG_CLASSES), batch["image"]),
+    }
+
+
+def seg_inference_bench(args: argparse.Namespace, device: torch.device, fmt: ComputeFormat) -> dict:
+    """Multi-scale + flip probabilities of one image (as scripts/segmentation/inference.py, without CRF and PNG)."""
+    model = seg_training.network_from_flags(_seg_flags(args), SEG_CLASSES).to(device).eval()
+    model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
+    image = np.random.default_rng(args.seed).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    batches = _scale_batches(image, args.scales, fmt, device)
+
+    def probs() -> None:
+        multiscale_probs(
+            model, image, args.scales, device=device, amp_dtype=fmt.amp_dtype, channels_last=fmt.channels_last
+        ).cpu()
+
+    def forwards() -> None:
+        with torch.inference_mode(), fmt.autocast():
+            for batch in batches:
+                model(batch)
+
+    return {"stage": probs, "limit": forwards}
+
+
+def run_seg(args: argparse.Namespace) -> dict[str, Any]:
+    unknown = sorted(set(args.stages) - set(SEG_STAGES))
+    if unknown:
+        raise WSSSError(f"unknown --stages {','.join(unknown)}; choose from {','.join(SEG_STAGES)}")
+    device = _setup_torch(args)
+    fmt = _compute(args, device)
+    limits = {
+        "train": "forward + backward of DeepLabV3+ on the same batch",
+        "inference": "forward passes of the scales and flips of the same image",
+    }
+    stages: dict[str, Any] = {}
+    for stage in args.stages:
+        fns = seg_train_bench(args, device) if stage == "train" else seg_inference_bench(args, device, fmt)
+        seconds = _interleaved(fns, args.steps, args.warmup, device)
+        count = args.batch_size if stage == "train" else 1
+        stages[stage] = _stage_rates(count, seconds["stage"], seconds["limit"], limits[stage])
+        logger.info("seg %s: %.3f images/s", stage, stages[stage]["images_per_s"])
+    return {
+        "benchmark": "seg",
+        "architecture": args.architecture,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "scales": list(args.scales),
+        "use_gn": bool(args.use_gn),
+        "dilated": bool(args.dilated),
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "channels_last": fmt.channels_last,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "stages": stages,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -874,6 +983,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "inference": (add_inference_args, run_inference),
     "saliency": (add_saliency_args, run_saliency),
     "rw": (add_rw_args, run_rw),
+    "seg": (add_seg_args, run_seg),
 }
 
 

@@ -10,6 +10,10 @@ Current layout (SPEC §2.4): ``backbone.<native torchvision/resnest key>`` plus 
   ``stage1..stage5``;
 * P-NOC reference layout 2023-10 → 2024-02: ``stage1..stage5`` only (``stage1.0`` = stem conv,
   ``stage1.1`` = bn1, ``stage{2..5}.0`` = layer1..layer4).
+
+Heads keep their keys in every layout; :data:`CLASS_HEADS` names the tensor that carries each network's class count
+(the CAM classifier's ``classifier.weight``, DeepLabV3+'s ``decoder.classifier.8.weight``), so messages can say
+which network and how many classes a file holds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ KNOWN_DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
     ("resnest", (3, 4, 23, 3)): "resnest101",
     ("resnest", (3, 24, 36, 3)): "resnest200",
     ("resnest", (3, 30, 48, 8)): "resnest269",
+}
+
+#: class-head weight key -> (network name, what its first dimension counts).
+CLASS_HEADS: dict[str, tuple[str, str]] = {
+    "classifier.weight": ("classifier", "foreground classes"),
+    "decoder.classifier.8.weight": ("DeepLabV3+", "classes (background included)"),
 }
 
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -146,9 +156,9 @@ def unwrap_state_dict(obj: Any, source: str = "the state dict") -> dict[str, tor
     while isinstance(obj, Mapping):
         if "models" in obj and isinstance(obj["models"], Mapping):
             models = obj["models"]
-            if "cg" not in models:
+            if "cg" not in models and len(models) != 1:
                 raise WSSSError(f"checkpoint {source} holds models {sorted(models)} but no 'cg' (CAM generator)")
-            obj = models["cg"]
+            obj = models["cg"] if "cg" in models else next(iter(models.values()))  # a one-network run's state
             continue
         wrapper = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
         if wrapper is None:
@@ -200,10 +210,11 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         if name
         else {"resnet-basic": "BasicBlock resnet", "resnet": "Bottleneck resnet"}.get(family, family)
     )
-    classifier = next((v for k, v in state_dict.items() if _strip_prefixes(k) == "classifier.weight"), None)
-    if classifier is None:
+    heads = {_strip_prefixes(k): v for k, v in state_dict.items() if _strip_prefixes(k) in CLASS_HEADS}
+    if not heads:
         return f"{net} network (layers {depth_text})"
-    return f"{classifier.shape[0]}-class {net} classifier (layers {depth_text})"
+    key, head = next(iter(heads.items()))
+    return f"{head.shape[0]}-class {net} {CLASS_HEADS[key][0]} (layers {depth_text})"
 
 
 def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -279,12 +290,20 @@ def _mismatch_message(
 ) -> str:
     held = describe_state_dict(state_dict)
     wanted = _describe_model(model)
-    if not mismatch.missing and not mismatch.unexpected and mismatch.wrong_shape == ["classifier.weight"]:
+    head = _class_head_key(model.state_dict())
+    head_keys = {head, head.rsplit(".", 1)[0] + ".bias"} if head else set()
+    if (
+        not mismatch.missing
+        and not mismatch.unexpected
+        and mismatch.wrong_shape
+        and set(mismatch.wrong_shape) <= head_keys
+    ):
         # Same network, another head: the model's class count comes from the dataset, not from a flag of its own.
-        classes = int(model.state_dict()["classifier.weight"].shape[0])
+        classes = int(model.state_dict()[head].shape[0])
         return (
-            f"checkpoint {name} holds a {held} but the dataset has {classes} foreground classes; pass the --dataset "
-            f"(or --class_names) the weights were trained on, or {weights_flag} of a model trained on this dataset"
+            f"checkpoint {name} holds a {held} but the dataset has {classes} {CLASS_HEADS[head][1]}; pass the "
+            f"--dataset (or --class_names) the weights were trained on, or {weights_flag} of a model trained on this "
+            "dataset"
         )
     if held != describe_state_dict(model.state_dict()):
         return (
@@ -294,12 +313,19 @@ def _mismatch_message(
     return f"checkpoint {name} does not fit the {wanted}: {mismatch.summary()}; pass a checkpoint saved from this model"
 
 
+def _class_head_key(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    return next((key for key in CLASS_HEADS if key in state_dict), None)
+
+
 def _describe_model(model: nn.Module) -> str:
     kwargs = getattr(model, "model_kwargs", None)
+    state_dict = model.state_dict()
     if isinstance(kwargs, Mapping) and "architecture" in kwargs and "num_classes" in kwargs:
-        depths = ",".join(str(d) for d in _block_counts(list(model.state_dict())))
-        return f"{kwargs['num_classes']}-class {kwargs['architecture']} classifier (layers {depths})"
-    return describe_state_dict(model.state_dict())
+        depths = ",".join(str(d) for d in _block_counts(list(state_dict)))
+        head = _class_head_key(state_dict)
+        kind = CLASS_HEADS[head][0] if head else "network"
+        return f"{kwargs['num_classes']}-class {kwargs['architecture']} {kind} (layers {depths})"
+    return describe_state_dict(state_dict)
 
 
 def _strip_prefixes(key: str) -> str:

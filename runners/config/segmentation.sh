@@ -1,0 +1,30 @@
+# Segmentation-stage recipes (SPEC §12.6): DeepLabV3+ on a label folder, multi-scale + flip inference with the
+# DeepLab-v2 softmax CRF, evaluation of the PNGs. Source after env.sh and dataset.sh; every ${VAR:-default} can be
+# overridden from the environment.
+# SEG_DOMAINS: where inference runs (train and val are scored against GT; VOC's test is exported for the server).
+case "$DATASET" in
+  voc12|coco14)
+    ARCH_SEG=${ARCH_SEG:-resnest269}; SEG_WEIGHTS=${SEG_WEIGHTS:-imagenet}; USE_GN=${USE_GN:-true}
+    EPOCHS_SEG=${EPOCHS_SEG:-15}; BATCH_SEG=${BATCH_SEG:-32}; WD_SEG=${WD_SEG:-4e-5}
+    OPTIMIZER_SEG=${OPTIMIZER_SEG:-momentum}; AUGMENT_SEG=${AUGMENT_SEG:-colorjitter}
+    IMAGE_SIZE_SEG=${IMAGE_SIZE_SEG:-$IMAGE_SIZE}; MIN_SIZE_SEG=${MIN_SIZE_SEG:-$MIN_IMAGE_SIZE}
+    MAX_SIZE_SEG=${MAX_SIZE_SEG:-$MAX_IMAGE_SIZE}
+    SEG_SCALES=${SEG_SCALES:-0.5,1.0,1.5,2.0}; SEG_CRF_T=${SEG_CRF_T:-10}; SEG_CRF_GT=${SEG_CRF_GT:-1}
+    if [[ "$DATASET" == voc12 ]]; then
+      LR_SEG=${LR_SEG:-0.007}; DOMAIN_TRAIN_SEG=${DOMAIN_TRAIN_SEG:-train_aug}
+      SEG_DOMAINS=${SEG_DOMAINS:-"train val test"}
+    else
+      LR_SEG=${LR_SEG:-0.004}; DOMAIN_TRAIN_SEG=${DOMAIN_TRAIN_SEG:-train2014}
+      SEG_DOMAINS=${SEG_DOMAINS:-"val2014"}
+    fi ;;
+  synthetic)
+    # CPU-sized: ResNet-18 starting from the priors' ordinary classifier (the stand-in for ImageNet weights, as in
+    # 2-saliency.sh), BatchNorm head, 96 px crops, AdamW; single scale + flip and no CRF at inference.
+    ARCH_SEG=${ARCH_SEG:-resnet18}; SEG_WEIGHTS=${SEG_WEIGHTS:-experiments/models/$TAG_OC.pth}
+    USE_GN=${USE_GN:-false}; EPOCHS_SEG=${EPOCHS_SEG:-4}; BATCH_SEG=${BATCH_SEG:-16}; WD_SEG=${WD_SEG:-1e-4}
+    OPTIMIZER_SEG=${OPTIMIZER_SEG:-adamw}; LR_SEG=${LR_SEG:-0.001}; AUGMENT_SEG=${AUGMENT_SEG:-none}
+    IMAGE_SIZE_SEG=${IMAGE_SIZE_SEG:-96}; MIN_SIZE_SEG=${MIN_SIZE_SEG:-80}; MAX_SIZE_SEG=${MAX_SIZE_SEG:-112}
+    DOMAIN_TRAIN_SEG=${DOMAIN_TRAIN_SEG:-train}
+    SEG_SCALES=${SEG_SCALES:-1.0}; SEG_CRF_T=${SEG_CRF_T:-0}; SEG_CRF_GT=${SEG_CRF_GT:-1}
+    SEG_DOMAINS=${SEG_DOMAINS:-"val"} ;;
+esac
