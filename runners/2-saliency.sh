@@ -13,7 +13,6 @@ source "$REPO/runners/config/pipeline.sh"
 STAGES=${STAGES:-"cams ccamh ccamh-inference crf poolnet poolnet-test evaluate"}
 
 ccam_masks_of() { echo "$(cams_of "$TAG_CCAMH" "$1")@t=$CRF_THRESHOLD@crf=$CRF_T"; }
-poolnet_of() { echo "experiments/predictions/$TAG_PN@$1"; }
 domains=("$SAL_DOMAIN"); [[ "$DOMAIN_VALID" == "$SAL_DOMAIN" ]] || domains+=("$DOMAIN_VALID")
 
 if has_stage cams; then  # the hints: P-NOC CAMs of the domain C²AM-H trains on

@@ -3,22 +3,16 @@
 # truth for the fully supervised upper bound) -> multi-scale + flip inference (+ dense CRF) on $SEG_DOMAINS ->
 # evaluation of the PNGs against GT on train/val -> the VOC test-server archive. Resumable like 1-priors.sh.
 #
-#   DATASET=voc12 NGPU=4 DATASETS_DIR=/data LABEL_NAME="<pseudo-mask folder>" bash runners/4-segmentation.sh
+#   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/4-segmentation.sh   # on stage 3's pseudo masks
 #   DATASET=voc12 LABEL_NAME=gt bash runners/4-segmentation.sh          # fully supervised upper bound
 #   DATASET=synthetic LABEL_NAME=gt bash runners/4-segmentation.sh      # the CPU recipe (~2 min after 1-priors.sh)
-# LABEL_NAME names a folder under experiments/predictions/ (the reference's --label_name); gt = ground truth.
+# LABEL_NAME names a folder under experiments/predictions/ (the reference's --label_name; default: the pseudo masks
+# of runners/3-rw.sh) or gt = ground truth; TAG_SEG carries it, so each label source trains its own model.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
-source "$REPO/runners/config/dataset.sh"
-source "$REPO/runners/config/cam.sh"
+source "$REPO/runners/config/pipeline.sh"  # LABEL_NAME defaults to stage 3's pseudo masks (config/tags.sh)
 
-EID=${EID:-r1}
-TAG_OC=${TAG_OC:-vanilla/$DATASET-$ARCH-lr$LR-ls-ra-$EID}
-source "$REPO/runners/config/segmentation.sh"
-LABEL_NAME=${LABEL_NAME:?set LABEL_NAME to a pseudo-mask folder under experiments/predictions/ (stage 3) or to gt}
-LABEL_ID=${LABEL_NAME//\//_}
-TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-$ARCH_SEG@${LABEL_ID%%@*}-$EID}
 STAGES=${STAGES:-"train inference evaluate export"}
 
 if [[ "$LABEL_NAME" == gt ]]; then label_flags=(); else label_flags=(--label_name "$LABEL_NAME"); fi
@@ -31,11 +25,6 @@ if [[ "$SEG_WEIGHTS" == *.pth && ! -f "$SEG_WEIGHTS" ]]; then
   echo "error: backbone weights $SEG_WEIGHTS do not exist; run runners/1-priors.sh first (or set SEG_WEIGHTS)" >&2
   exit 2
 fi
-seg_pred() {  # seg_pred DOMAIN: the inference folder of TAG_SEG on DOMAIN (scripts/segmentation/inference.py's name)
-  local crf=""; (( SEG_CRF_T > 0 )) && crf="@crf=$SEG_CRF_T"
-  [[ "$SEG_CRF_GT" == 1 || "$SEG_CRF_T" == 0 ]] || crf="$crf@gt=$SEG_CRF_GT"
-  echo "experiments/predictions/$TAG_SEG@$1@scale=$SEG_SCALES$crf"
-}
 
 if has_stage train && ! done_already "$TAG_SEG"; then
   $LAUNCH "$REPO/scripts/segmentation/train.py" --tag "$TAG_SEG" --dataset "$SOURCE" --data_dir "$DATA_DIR" \

@@ -20,6 +20,9 @@ TINY = {
     "IMAGE_SIZE": "64", "MIN_IMAGE_SIZE": "64", "MAX_IMAGE_SIZE": "64", "EPOCHS": "1", "EPOCHS_PNOC": "1",
     "BATCH_OC": "4", "BATCH_PNOC": "2", "ACCUMULATE_PNOC": "2", "SCALES": "1.0",
     "IMAGE_SIZE_SAL": "64", "EPOCHS_SAL": "1", "BATCH_SAL": "4", "EPOCHS_PN": "1", "BATCH_PN": "4",
+    "IMAGE_SIZE_AFF": "80", "MIN_SIZE_AFF": "64", "MAX_SIZE_AFF": "64", "EPOCHS_AFF": "1", "BATCH_AFF": "4",
+    "AFF_CRF_T": "0", "PSEUDO_CRF_T": "0", "PSEUDO_MIN_FG": "0",
+    "IMAGE_SIZE_SEG": "64", "MIN_SIZE_SEG": "64", "MAX_SIZE_SEG": "64", "EPOCHS_SEG": "1", "BATCH_SEG": "4",
     "WORKERS_TRAIN": "0", "WORKERS_INFER": "1", "OMP_NUM_THREADS": "1",
 }  # fmt: skip
 
@@ -47,12 +50,23 @@ def results(work_dir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_demo_chain_trains_infers_scores_and_resumes(tmp_path):
+def test_demo_runs_the_whole_pipeline_scores_every_stage_and_resumes(tmp_path):
     first = run_runner("demo.sh", tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     scores = results(tmp_path)
-    cams = {name for name in scores if not name.startswith("saliency_")}
-    assert {name.split("_")[0] for name in cams} == {"vanilla", "pnoc"} and len(cams) == 2
+    stages = {name.split("_")[0] for name in scores}
+    assert stages == {"vanilla", "pnoc", "saliency", "afflabels", "rw", "pseudo", "seg"}, sorted(scores)
+    cams = {name for name in scores if name.split("_")[0] in ("vanilla", "pnoc")}
+    assert len(cams) == 2 and all(scores[name]["protocol"]["mode"] == "npy" for name in cams)
+    affinity = next(summary for name, summary in scores.items() if name.startswith("afflabels_"))
+    assert 0 < affinity["labelled"] <= 100 and 0 <= affinity["labelled_accuracy"] <= 100
+    rw = next(summary for name, summary in scores.items() if name.startswith("rw_"))
+    assert rw["protocol"]["mode"] == "npy" and len(rw["sweep"]) > 1  # thresholds swept on the RW maps
+    segmentation = [name for name in scores if name.startswith("seg_")]
+    assert len(segmentation) == 1 and segmentation[0].endswith("@val.json")  # DeepLabV3+ scored on val
+    for stage in ("vanilla_synthetic", "saliency_", "rw_", "pseudo_", "seg_synthetic"):
+        assert stage in first.stdout  # the pipeline's table
+    assert (tmp_path / "experiments" / "images" / "pipeline-demo.png").is_file()
     saliency = {name: scores[name] for name in scores if name.startswith("saliency_")}
     evaluated = [name for name, summary in saliency.items() if summary["protocol"]["mode"] == "saliency"]
     as_background = [name for name, summary in saliency.items() if summary["protocol"].get("sal_dir")]
@@ -68,7 +82,7 @@ def test_demo_chain_trains_infers_scores_and_resumes(tmp_path):
     stamps = {path: path.stat().st_mtime_ns for path in models}
     second = run_runner("demo.sh", tmp_path)  # resumes: nothing retrained
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("[skip]") == 4  # vanilla, P-NOC, C²AM-H, PoolNet
+    assert second.stdout.count("[skip]") == 6  # vanilla, P-NOC, C²AM-H, PoolNet, AffinityNet, DeepLabV3+
     assert {path: path.stat().st_mtime_ns for path in models} == stamps
 
 

@@ -4,4 +4,6 @@
 source "$REPO/runners/config/dataset.sh"
 source "$REPO/runners/config/cam.sh"
 source "$REPO/runners/config/saliency.sh"
+source "$REPO/runners/config/rw.sh"
+source "$REPO/runners/config/segmentation.sh"
 source "$REPO/runners/config/tags.sh"
