@@ -120,6 +120,8 @@ class EvaluationResult:
         if self.saliency is not None:
             extra = {"mae": self.saliency["mae"], "max_fbeta": self.saliency["max_fbeta"]}
             extra["saliency_scores"] = self.saliency
+        if self.protocol.get("mode") == "png" and self.protocol.get("pred_ignore") == "miss":
+            extra.update(labelled_pixel_scores(self.confusion[self.best]))
         return {
             "miou": best["miou"],
             "miou_fg": best["miou_fg"],
@@ -137,6 +139,27 @@ class EvaluationResult:
             "uses_saliency": self.protocol.get("saliency", "not used") != "not used",
             "protocol": self.protocol,
         }
+
+
+def labelled_pixel_scores(confusion: np.ndarray) -> dict[str, float]:
+    """How much of the image a label map with ignore (255) pixels labels, and how well: affinity labels and pseudo
+    masks leave uncertain pixels out, so mIoU alone (which counts them as misses) undersells their precision.
+
+    Args:
+        confusion: int [K, K+1] of one threshold, GT rows (ignored GT already left out), the last column counting
+            pixels predicted 255.
+
+    Returns:
+        ``labelled``: % of the GT pixels that carry a class or background; ``labelled_accuracy``: % of those that
+        are right (pixel precision of the confident labels).
+    """
+    total = int(confusion.sum())
+    labelled = total - int(confusion[:, -1].sum())
+    right = int(np.trace(confusion[:, :-1]))
+    return {
+        "labelled": 100.0 * labelled / max(total, 1),
+        "labelled_accuracy": 100.0 * right / labelled if labelled else float("nan"),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.crf import crf_inference_labels
+from core.crf import crf_inference_label_maps
 
 IGNORE_INDEX = 255
 
@@ -127,23 +127,35 @@ def saliency_background(saliency: np.ndarray, sal_threshold: float | None = None
     return (saliency < np.float32(sal_threshold)).astype(np.float32)
 
 
-def _labels_after_crf(
+def labels_after_crf(
     hr_cam: np.ndarray,
     keys: np.ndarray,
-    background: float | np.ndarray,
+    backgrounds: Sequence[float | np.ndarray],
     image: np.ndarray | None,
     crf_t: int,
     crf_gt_prob: float,
-) -> np.ndarray:
-    """Label map int64 [H, W] (ids 0..C) for one background score, label-CRF-refined when ``crf_t > 0``."""
-    compact = compact_labels(hr_cam, background)  # 0 = background, i = plane i - 1
+) -> list[np.ndarray]:
+    """Label maps int64 [H, W] (ids 0 and ``keys``), one per background score: ``argmax([background, cams...])``
+    (ties go to the background), label-CRF-refined over ``max(n + 1, 2)`` labels when ``crf_t > 0`` (the maps share
+    one CRF's pairwise terms, :func:`core.crf.crf_inference_label_maps`), mapped to keys.
+
+    Args:
+        hr_cam: float [n, H, W] in [0, 1], planes of ``keys``.
+        keys: int [n], label-map ids 1..C.
+        backgrounds: constant background scores or float [H, W] maps.
+        image: uint8 [H, W, 3] RGB, needed when ``crf_t > 0``.
+        crf_t: label-CRF iterations (0 = off).
+        crf_gt_prob: label-CRF confidence in (0, 1).
+    """
+    compacts = [compact_labels(hr_cam, background) for background in backgrounds]  # 0 = bg, i = plane i - 1
     if crf_t > 0:
         if image is None:
             raise ValueError("the label CRF needs the image")
-        compact = crf_inference_labels(image, compact, max(len(keys) + 1, 2), t=crf_t, gt_prob=crf_gt_prob)
-        compact = np.minimum(compact, len(keys))
+        n_labels = max(len(keys) + 1, 2)
+        refined = crf_inference_label_maps(image, compacts, n_labels, t=crf_t, gt_prob=crf_gt_prob)
+        compacts = [np.minimum(compact, len(keys)) for compact in refined]
     lookup = np.concatenate([[0], np.asarray(keys, dtype=np.int64)])
-    return lookup[compact]
+    return [lookup[compact] for compact in compacts]
 
 
 def pseudo_mask(
@@ -176,11 +188,11 @@ def pseudo_mask(
         uint8 [H, W] with values in {0} U keys U {255}.
     """
     keys = np.asarray(keys, dtype=np.int64)
-    labels = _labels_after_crf(hr_cam, keys, background, image, crf_t, crf_gt_prob)
-    if bg_threshold is not None:
-        if np.ndim(background) or bg_threshold > float(background):
-            raise ValueError(f"bg_threshold {bg_threshold} needs a constant background threshold >= it")
-        low = _labels_after_crf(hr_cam, keys, bg_threshold, image, crf_t, crf_gt_prob)
-        labels = np.where(labels == 0, IGNORE_INDEX, labels)
-        labels = np.where(low == 0, 0, labels)
+    if bg_threshold is None:
+        return labels_after_crf(hr_cam, keys, [background], image, crf_t, crf_gt_prob)[0].astype(np.uint8)
+    if np.ndim(background) or bg_threshold > float(background):
+        raise ValueError(f"bg_threshold {bg_threshold} needs a constant background threshold >= it")
+    labels, low = labels_after_crf(hr_cam, keys, [background, bg_threshold], image, crf_t, crf_gt_prob)
+    labels = np.where(labels == 0, IGNORE_INDEX, labels)
+    labels = np.where(low == 0, 0, labels)
     return labels.astype(np.uint8)

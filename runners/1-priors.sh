@@ -7,15 +7,11 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
-source "$REPO/runners/config/dataset.sh"
-source "$REPO/runners/config/cam.sh"
+source "$REPO/runners/config/pipeline.sh"
 
-EID=${EID:-r1}
-TAG_OC=${TAG_OC:-vanilla/$DATASET-$ARCH-lr$LR-ls-ra-$EID}
-TAG_PNOC=${TAG_PNOC:-pnoc/$DATASET-$ARCH-pnoc-b$BATCH_PNOC-a$PUZZLE_ALPHA-lr$LR-ls@$ARCH-lsra-$EID}
 EPOCHS_PNOC=${EPOCHS_PNOC:-$EPOCHS}
 # The CAM generator starts from ImageNet weights on real data; synthetic has none and starts from the OC's backbone.
-if [[ "$DATASET" == synthetic ]]; then CG_WEIGHTS=${CG_WEIGHTS:-experiments/models/$TAG_OC.pth}; fi
+if [[ "$DATASET" == synthetic ]]; then CG_WEIGHTS=${CG_WEIGHTS:-$OC_WEIGHTS}; fi
 CG_WEIGHTS=${CG_WEIGHTS:-$BACKBONE_WEIGHTS}
 STAGES=${STAGES:-"vanilla pnoc inference evaluate"}
 

@@ -8,18 +8,10 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
-source "$REPO/runners/config/dataset.sh"
-source "$REPO/runners/config/cam.sh"
+source "$REPO/runners/config/pipeline.sh"
 
-EID=${EID:-r1}
-TAG_OC=${TAG_OC:-vanilla/$DATASET-$ARCH-lr$LR-ls-ra-$EID}
-TAG_PNOC=${TAG_PNOC:-pnoc/$DATASET-$ARCH-pnoc-b$BATCH_PNOC-a$PUZZLE_ALPHA-lr$LR-ls@$ARCH-lsra-$EID}
-source "$REPO/runners/config/saliency.sh"
-TAG_CCAMH=${TAG_CCAMH:-ccamh/$DATASET-$ARCH_SAL-fg$FG_T@pnoc-$EID}
-TAG_PN=${TAG_PN:-poolnet/$DATASET-$ARCH_PN@ccamh-$EID}
 STAGES=${STAGES:-"cams ccamh ccamh-inference crf poolnet poolnet-test evaluate"}
 
-cams_of() { echo "experiments/predictions/$1@$2@scale=$SCALES"; }
 ccam_masks_of() { echo "$(cams_of "$TAG_CCAMH" "$1")@t=$CRF_THRESHOLD@crf=$CRF_T"; }
 poolnet_of() { echo "experiments/predictions/$TAG_PN@$1"; }
 domains=("$SAL_DOMAIN"); [[ "$DOMAIN_VALID" == "$SAL_DOMAIN" ]] || domains+=("$DOMAIN_VALID")

@@ -52,6 +52,12 @@ def perfect_cams() -> Callable[..., Path]:
 
 
 @pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty folder, so stages that write under ``./experiments`` never touch the repo's."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _torch_threads(request: pytest.FixtureRequest):
     """Run a test with ``@pytest.mark.torch_threads(N)`` (or a module's ``pytestmark``) on N torch threads.
 

@@ -3,11 +3,11 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 from PIL import Image
@@ -166,7 +166,7 @@ def test_killed_writer_leaves_old_file_intact(tmp_path):
         """
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+    result = commands.run([sys.executable, "-c", code], env=env, timeout=60)
     assert result.returncode == -signal.SIGKILL
     assert target.read_bytes() == b"old"
     assert pending_ids(["a", "b"], tmp_path, ".png") == ["b"]  # the orphan temp file is not mistaken for b or a

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -288,10 +288,10 @@ def test_two_processes_update_like_one_process(synthetic_voc, perfect_hints, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = commands.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single = [f if f != "ddp" else "single" for f in flags]
-    subprocess.run([sys.executable, __file__, *single], cwd=tmp_path, env=env, check=True, capture_output=True)
+    commands.run([sys.executable, __file__, *single], cwd=tmp_path, env=env, check=True, capture_output=True)
     ddp = torch.load(tmp_path / "experiments/models/ddp.pth", weights_only=True)
     one = torch.load(tmp_path / "experiments/models/single.pth", weights_only=True)
     for key in one:

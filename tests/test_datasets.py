@@ -7,10 +7,10 @@ import importlib.util
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import cv2
 import numpy as np
 import pytest
@@ -267,12 +267,12 @@ def test_prepare_coco14_command_line_with_worker_pool(tmp_path: Path):
     make_coco_tree(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "tools" / "prepare_coco14.py"), "--data-dir", str(tmp_path), "--num_workers", "2"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    result = commands.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "1 without any object" in result.stderr
     assert (tmp_path / "lists" / "val2014.txt").read_text() == "000000000042\n"
     shutil.rmtree(tmp_path / "coco_seg_anno")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    result = commands.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: folder")
 
 

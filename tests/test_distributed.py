@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import pytest
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ def _torchrun(flags: list[str]) -> subprocess.CompletedProcess:
     }
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    return commands.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_two_processes_update_like_one_process_with_the_same_global_batch(tmp_path):

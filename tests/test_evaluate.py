@@ -13,7 +13,7 @@ from core import cli
 from core.artifacts import cam_path, save_cam, save_label_map, save_saliency, strided_size
 from core.datasets import build_source
 from core.errors import WSSSError
-from core.evaluation import evaluate_predictions, threshold_range
+from core.evaluation import evaluate_predictions, labelled_pixel_scores, threshold_range
 from core.parallel import WorkerError, chunked, parallel_map
 from scripts import evaluate
 
@@ -182,6 +182,18 @@ def test_pred_ignore_policies_by_hand(tmp_path, policy, expected):
     assert best["iou"] == pytest.approx(expected)
     assert best["miou"] == pytest.approx(sum(expected.values()) / 3)
     assert result.protocol["pred_ignore"] == policy
+    summary = result.summary()
+    if policy == "miss":  # 5 scored pixels, 3 labelled, all 3 right
+        assert summary["labelled"] == pytest.approx(60.0) and summary["labelled_accuracy"] == pytest.approx(100.0)
+    else:
+        assert "labelled" not in summary
+
+
+def test_labelled_pixel_scores_count_the_void_column_by_hand():
+    # GT rows bg/cat, predictions bg/cat/255: 10 pixels, 2 unlabelled, 6 of the 8 labelled right.
+    confusion = np.array([[4, 1, 1], [1, 2, 1]])
+    assert labelled_pixel_scores(confusion) == pytest.approx({"labelled": 80.0, "labelled_accuracy": 75.0})
+    assert np.isnan(labelled_pixel_scores(np.array([[0, 0, 3]]))["labelled_accuracy"])  # nothing labelled
 
 
 def _fail_on_three(x):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +28,13 @@ def run_runner(name: str, work_dir: Path, *args: str, **env: str) -> subprocess.
     environment = os.environ | TINY | env
     environment |= {"WORK_DIR": str(work_dir), "PY": sys.executable, "LAUNCH": sys.executable}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    return subprocess.run(
+    return commands.run(
         ["bash", str(REPO / "runners" / name), *args], env=environment, capture_output=True, text=True, timeout=600
     )
 
 
 def make_tiny_data(data_dir: Path) -> None:
-    subprocess.run(
+    commands.run(
         [sys.executable, str(REPO / "tools" / "make_synthetic_voc.py"), "--out", str(data_dir), "--train", "12",
          "--val", "4", "--aug", "12", "--size", "64", "--classes", "3"],
         check=True, capture_output=True,
@@ -106,3 +107,39 @@ def test_unknown_dataset_is_one_clear_line(tmp_path):
     failed = run_runner("1-priors.sh", tmp_path, DATASET="voc13")
     assert failed.returncode == 2
     assert failed.stderr.strip() == "error: unknown DATASET=voc13 (choose voc12, coco14 or synthetic)"
+
+
+def _launch_command(tmp_path: Path, **slurm: str) -> str:
+    """The LAUNCH that runners/config/env.sh builds in a faked SLURM job (scontrol lists two nodes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(
+        '#!/usr/bin/env bash\n[[ "$*" == "show hostnames gpu-[07-08]" ]] && printf "gpu-07\\ngpu-08\\n"\n'
+    )
+    scontrol.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("LAUNCH", "NGPU")}
+    env |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "WORK_DIR": str(tmp_path), "NGPU": "4", **slurm}
+    script = f'REPO={REPO}; source "$REPO/runners/config/env.sh"; echo "$LAUNCH"'
+    done = commands.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_slurm_launch_command_spans_the_allocated_nodes(tmp_path):
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-[07-08]", "MASTER_PORT": "24242"}
+    assert _launch_command(tmp_path, SLURM_NNODES="2", **job) == (
+        "srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=4 "
+        "--rdzv_id=4242 --rdzv_backend=c10d --rdzv_endpoint=gpu-07:24242"
+    )
+    assert _launch_command(tmp_path, SLURM_NNODES="1", **job) == "torchrun --standalone --nproc_per_node=4"
+    assert _launch_command(tmp_path) == "torchrun --standalone --nproc_per_node=4"  # no SLURM job at all
+
+
+def test_sbatch_file_runs_the_pipeline_with_a_port_of_its_job(tmp_path):
+    sbatch = (REPO / "runners" / "slurm" / "pipeline.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and 'exec bash "$REPO/runners/pipeline.sh"' in sbatch
+    env = os.environ | {"SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "7"}
+    done = commands.run(["bash", str(REPO / "runners" / "slurm" / "pipeline.sbatch")], env=env, capture_output=True,
+                        text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 2 and "submit from the repository root" in done.stderr

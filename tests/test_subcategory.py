@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -243,5 +243,5 @@ def test_one_sc_round_learns_its_sub_categories(synthetic_voc, tmp_path, monkeyp
 
 def test_runner_refuses_an_unknown_method_in_one_line(tmp_path):
     env = os.environ | {"WORK_DIR": str(tmp_path), "METHOD": "scx", "DATASET": "synthetic", "NGPU": "1"}
-    done = subprocess.run(["bash", str(REPO / "runners" / "sc-cam.sh")], env=env, capture_output=True, text=True)
+    done = commands.run(["bash", str(REPO / "runners" / "sc-cam.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == "error: unknown METHOD=scx (choose sc or sct)"

@@ -52,3 +52,13 @@ def test_markdown_table_over_seeds(tmp_path):
 def test_a_missing_result_file_is_one_line(tmp_path):
     with pytest.raises(WSSSError, match="does not exist; run scripts/evaluate.py"):
         summarize_results.seed_rows([tmp_path / "nope@train.json"])
+
+
+def test_labelled_column_only_for_label_maps_that_leave_pixels_out(tmp_path):
+    plain = summarize_results.read_result(write_result(tmp_path, "pnoc_syn@train", 60.0))
+    path = tmp_path / "aff@train.json"
+    path.write_text(
+        json.dumps({"protocol": {"mode": "png"}, "miou": 40.0, "labelled": 62.345, "labelled_accuracy": 97.0})
+    )
+    assert plain["labelled (acc)"] == "-"
+    assert summarize_results.read_result(path)["labelled (acc)"] == "62.3 (97.0)"

@@ -11,6 +11,7 @@ import pytest
 from core import cli
 from core.artifacts import cam_path, save_cam, save_label_map
 from core.datasets import build_source, voc_palette
+from core.errors import WSSSError
 from core.labels import cams_to_label_map
 from tools import visualize
 
@@ -100,6 +101,23 @@ def test_per_class_columns_mask_dir_and_explicit_ids(cams_dir, synthetic_voc, tm
     assert (first_mask_cell == 255).all()  # all-ignore mask of ids[2], drawn white
     second_mask_cell = grid[header + CELL :, 3 * CELL : 4 * CELL]
     assert (second_mask_cell == visualize.MISSING_GREY).mean() > 0.8  # ids[0] has no mask file: grey placeholder
+
+
+def test_several_mask_folders_side_by_side_with_their_titles(cams_dir, synthetic_voc, tmp_path):
+    source = build_source("voc12", synthetic_voc, "train")
+    image_id = source.ids[0]
+    pseudo, predicted = tmp_path / "pseudo", tmp_path / "deeplab"
+    save_label_map(pseudo / f"{image_id}.png", np.full((64, 64), 255, np.uint8))
+    save_label_map(predicted / f"{image_id}.png", np.zeros((64, 64), np.uint8))
+    flags = ["--data_dir", str(synthetic_voc), "--ids", image_id, "--cam_dir", str(cams_dir), "--cell_size", str(CELL)]
+    flags += ["--mask_dir", str(pseudo), "--mask_dir", str(predicted), "--out", "grid.png"]
+    summary = draw(*flags, "--mask_title", "pseudo mask", "--mask_title", "DeepLab")
+    grid = read_rgb("grid.png")
+    cells = grid[visualize.HEADER_HEIGHT :]
+    assert summary["columns"] == 5  # image, GT, CAM, the two label folders
+    assert (cells[:, 3 * CELL : 4 * CELL] == 255).all() and (cells[:, 4 * CELL :] == 0).all()  # ignore white, bg black
+    with pytest.raises(WSSSError, match="1 --mask_title for 2 --mask_dir"):
+        draw(*flags, "--mask_title", "only one")
 
 
 def test_helpers():

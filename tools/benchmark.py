@@ -20,6 +20,10 @@
     seg        DeepLabV3+ images/s: train (core.segmentation.training's step: CE, momentum SGD of the x1/x10 groups;
                limit: forward + backward of the same network and batch) and inference (multi-scale + flip
                probabilities of one image, core.segmentation.predict; limit: the bare forward passes).
+    rw         seconds per image and peak memory of the random walk (core.rw.walk: sparse, float32) at --sizes
+               (default half VOC, VOC 375x500, COCO 480x640) with random seeds and boundaries, beside the dense
+               reference route (N x N, squared exp_times times) where N <= --dense_max_n; for larger sizes the
+               dense route's memory (the N x N matrices) and its time scaled by N^3 from the largest one measured.
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -32,6 +36,7 @@ Example:
     python tools/benchmark.py inference --architecture resnet50 --size 320 --scales 0.5,1.0,1.5,2.0 --images 8
     python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
     python tools/benchmark.py seg --architecture resnet50 --size 320 --batch_size 4 --device cpu
+    python tools/benchmark.py rw --sizes 188x250,375x500,480x640 --classes 2 --device cpu --threads 2
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -72,6 +78,7 @@ from core.optim import build_optimizer, build_param_groups
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
+from core.rw import walk as rw_walk
 from core.segmentation import training as seg_training
 from core.segmentation.predict import multiscale_probs
 from poolnet import test as poolnet_test
@@ -856,6 +863,116 @@ def run_seg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# rw (the random walk of core.rw.walk on random seeds and boundaries)
+# --------------------------------------------------------------------------------------------------------------------
+
+RW_SIZES = ("188x250", "375x500", "480x640")  # half VOC (the dense route fits), VOC, COCO
+
+
+def image_sizes(value: str) -> list[tuple[int, int]]:
+    """``"375x500,480x640"`` -> ``[(375, 500), (480, 640)]`` (height x width)."""
+    try:
+        sizes = [tuple(int(side) for side in item.split("x")) for item in cli.str_list(value)]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected HxW sizes such as 375x500,480x640, got {value!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def add_rw_args(parser: argparse.ArgumentParser) -> None:
+    sizes = ",".join(RW_SIZES)
+    cli.add_arg(parser, "--sizes", type=image_sizes, default=image_sizes(sizes), help=f"image sizes (default {sizes})")
+    cli.add_arg(parser, "--classes", type=cli.positive_int, default=2, help="CAM planes per image (default 2)")
+    cli.add_arg(parser, "--beta", type=float, default=10.0, help="affinity exponent (default 10)")
+    cli.add_arg(parser, "--exp_times", type=int, default=8, help="2^exp_times steps (default 8)")
+    cli.add_arg(parser, "--images", type=cli.positive_int, default=3, help="timed walks per size (median)")
+    cli.add_arg(
+        parser,
+        "--dense_max_n",
+        type=int,
+        default=3000,
+        help="run the dense reference route only up to this many stride-4 pixels (default 3000; it is O(N^3))",
+    )
+    cli.add_arg(parser, "--device", type=str, default="auto", choices=DEVICES, help="auto = cuda when available")
+    cli.add_arg(parser, "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    cli.add_arg(parser, "--seed", type=int, default=0, help="random seed of the maps")
+
+
+def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Growth of the peak memory while ``fn`` runs: CUDA allocations, or the process's peak RSS (Linux only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
+    except OSError:
+        return None
+
+    def peak_kb() -> int:
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+
+    base = peak_kb()
+    fn()
+    return (peak_kb() - base) / 1024
+
+
+def rw_size_bench(args: argparse.Namespace, size: tuple[int, int], device: torch.device) -> dict[str, Any]:
+    height, width = strided_size(*size)
+    generator = torch.Generator().manual_seed(args.seed)
+    cams = torch.rand(args.classes, height, width, generator=generator).to(device)
+    edge = (torch.rand(height, width, generator=generator) ** 3).to(device)
+    sparse = functools.partial(rw_walk.random_walk, cams, edge, args.beta, args.exp_times)
+    fns = {"sparse": sparse, "operator": functools.partial(rw_walk.walk_operator, edge, args.beta)}
+    n = height * width
+    result: dict[str, Any] = {"size": f"{size[0]}x{size[1]}", "stride4": f"{height}x{width}", "n": n}
+    peak = {"sparse": _peak_memory_mb(sparse, device)}
+    if n <= args.dense_max_n:
+        fns["dense"] = functools.partial(rw_walk.random_walk_dense, cams, edge, args.beta, args.exp_times)
+        peak["dense"] = _peak_memory_mb(fns["dense"], torch.device("cpu"))
+        result["max_abs_diff"] = float((sparse().cpu() - fns["dense"]()).abs().max())
+    seconds = _interleaved(fns, args.images, 0, device)
+    for name in ("sparse", "dense"):
+        if name in seconds:
+            result[name] = {"seconds": round(seconds[name], 4), "peak_mb": peak[name] and round(peak[name], 1)}
+    result["sparse"]["operator_s"] = round(seconds["operator"], 4)
+    if "dense" not in seconds:  # the reference's matrices: eye(N_pad), the cropped A, A^beta / colsum, T @ T
+        padded = (height + rw_walk.RADIUS) * (width + 2 * rw_walk.RADIUS)
+        result["dense"] = {
+            "skipped": f"N {n} > --dense_max_n {args.dense_max_n}",
+            "gb_needed": round(4 * (padded**2 + 3 * n**2) / 2**30, 3),
+        }
+    return result
+
+
+def run_rw(args: argparse.Namespace) -> dict[str, Any]:
+    rw_walk.check_walk_params(args.beta, args.exp_times)
+    device = _setup_torch(args)
+    load_before = os.getloadavg()
+    rw_walk.random_walk(torch.rand(1, 8, 8, device=device), torch.rand(8, 8, device=device))  # warm-up
+    sizes = [rw_size_bench(args, size, device) for size in args.sizes]
+    dense = [s for s in sizes if "seconds" in s["dense"]]
+    for entry in sizes:  # dense time of the larger sizes from the largest one measured, by the O(N^3) of T @ T
+        if dense and "skipped" in entry["dense"]:
+            ref = max(dense, key=lambda s: s["n"])
+            entry["dense"]["seconds_estimate"] = float(f"{ref['dense']['seconds'] * (entry['n'] / ref['n']) ** 3:.3g}")
+    return {
+        "benchmark": "rw",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "classes": args.classes,
+        "beta": args.beta,
+        "exp_times": args.exp_times,
+        "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "sizes": sizes,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -866,6 +983,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "inference": (add_inference_args, run_inference),
     "saliency": (add_saliency_args, run_saliency),
     "seg": (add_seg_args, run_seg),
+    "rw": (add_rw_args, run_rw),
 }
 
 

@@ -25,7 +25,20 @@ from core.errors import WSSSError
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("result", "domain", "mode", "saliency", "threshold", "mIoU", "mIoU fg", "FP", "FN", "MAE", "max F")
+COLUMNS = (
+    "result",
+    "domain",
+    "mode",
+    "saliency",
+    "threshold",
+    "mIoU",
+    "mIoU fg",
+    "FP",
+    "FN",
+    "MAE",
+    "max F",
+    "labelled (acc)",
+)
 SEED_COLUMNS = ("result", "domain", "mode", "saliency", "n", "mIoU", "mIoU fg", "FP", "FN")
 SEED_SUFFIX = re.compile(r"-s\d+(?=@|$)")
 SCORES = {"mIoU": "miou", "mIoU fg": "miou_fg", "FP": "fp", "FN": "fn"}
@@ -67,7 +80,15 @@ def read_result(path: Path) -> dict:
         "FN": f"{data.get('fn', float('nan')):.2f}",
         "MAE": "-" if data.get("mae") is None else f"{data['mae']:.4f}",
         "max F": "-" if data.get("max_fbeta") is None else f"{data['max_fbeta']:.4f}",
+        "labelled (acc)": labelled_column(data),
     }
+
+
+def labelled_column(data: dict) -> str:
+    """``<% labelled> (<% right of those>)`` for label maps that leave pixels out (255), ``-`` otherwise."""
+    if data.get("labelled") is None:
+        return "-"
+    return f"{data['labelled']:.1f} ({data['labelled_accuracy']:.1f})"
 
 
 def saliency_column(data: dict) -> str:

@@ -2,7 +2,9 @@
 
 Columns: the image; the ground truth (palette colours, 255 = white, grey when the id has none); the CAM overlay (max
 over the file's class maps, i.e. the GT classes, as a jet heatmap blended on the image); the pseudo mask from
-``--mask_dir``, or else the CAMs thresholded at ``--threshold``; with ``--per_class true`` one more overlay per class.
+``--mask_dir`` (repeat it for several label folders side by side, e.g. pseudo masks and a segmentation model's
+predictions, titled by ``--mask_title``), or else the CAMs thresholded at ``--threshold``; with ``--per_class true``
+one more overlay per class.
 Every cell is ``--cell_size`` pixels square (image letterboxed); a header row names the columns.
 
 Reads:  the images and GT masks of --domain; <cam_dir>/<id>.npz (legacy .npy with --allow_pickle); <mask_dir>/<id>.png
@@ -53,7 +55,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_arg(group, "--num", type=int, default=8, help="number of first ids of --domain when --ids is not given")
     cli.add_arg(group, "--cam_dir", type=str, default=None, help="folder of <id>.npz CAM files")
-    cli.add_arg(group, "--mask_dir", type=str, default=None, help="folder of <id>.png pseudo masks (optional)")
+    cli.add_arg(
+        group,
+        "--mask_dir",
+        type=str,
+        action="append",
+        default=None,
+        help="folder of <id>.png label maps (optional; repeat for more columns)",
+    )
+    cli.add_arg(
+        group,
+        "--mask_title",
+        type=str,
+        action="append",
+        default=None,
+        help="column title of each --mask_dir, in order (default: 'pseudo mask', or the folder names when several)",
+    )
     cli.add_arg(group, "--threshold", type=cli.unit_float, default=0.25, help="background threshold without --mask_dir")
     cli.add_bool_arg(group, "--per_class", False, "add one CAM overlay column per class of the image")
     cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
@@ -155,18 +172,18 @@ def image_row(args: argparse.Namespace, source: Any, image_id: str, class_column
         else:
             peak = cams.hr_cam.max(axis=0) if cams.keys.size else np.zeros(image.shape[:2], np.float32)
             cells.append(fit_cell(cam_overlay(image, peak, args.alpha), cell))
-    if args.mask_dir:
-        mask_path = Path(args.mask_dir) / f"{image_id}{PNG_SUFFIX}"
+    for mask_dir in args.mask_dir or []:
+        mask_path = Path(mask_dir) / f"{image_id}{PNG_SUFFIX}"
         mask = load_label_map(mask_path) if mask_path.is_file() else None
         cells.append(
             placeholder(cell, "no mask file")
             if mask is None
             else fit_cell(colorize_labels(mask, palette), cell, nearest=True)
         )
-    elif cams is not None:
+    if not args.mask_dir and cams is not None:
         labels = cams_to_label_map(cams.hr_cam, cams.keys, args.threshold)
         cells.append(fit_cell(colorize_labels(labels, palette), cell, nearest=True))
-    elif args.cam_dir:
+    elif not args.mask_dir and args.cam_dir:
         cells.append(placeholder(cell, "no CAM file"))
     for index in range(class_columns):
         if cams is None or index >= cams.keys.size:
@@ -181,8 +198,15 @@ def column_titles(args: argparse.Namespace, class_columns: int) -> list[str]:
     titles = ["image", "ground truth"]
     if args.cam_dir:
         titles.append("CAM (max)")
-    titles.append("pseudo mask" if args.mask_dir else f"CAM > {args.threshold:g}")
+    titles += mask_titles(args) if args.mask_dir else [f"CAM > {args.threshold:g}"]
     return titles + [f"class CAM {i + 1}" for i in range(class_columns)]
+
+
+def mask_titles(args: argparse.Namespace) -> list[str]:
+    """One title per ``--mask_dir``: ``--mask_title`` when given, else 'pseudo mask' for one folder or the names."""
+    if args.mask_title:
+        return list(args.mask_title)
+    return ["pseudo mask"] if len(args.mask_dir) == 1 else [Path(folder).name[:24] for folder in args.mask_dir]
 
 
 def count_class_columns(args: argparse.Namespace, ids: list[str]) -> int:
@@ -206,16 +230,19 @@ def select_ids(args: argparse.Namespace, source: Any) -> list[str]:
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    folder = Path(args.cam_dir or args.mask_dir)
+    folder = Path(args.cam_dir or args.mask_dir[0])
     return IMAGES_DIR / f"{folder.name}@{Path(args.domain).stem}.png"
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.cam_dir and not args.mask_dir:
         raise WSSSError("nothing to draw; pass --cam_dir (CAM files) and/or --mask_dir (label PNGs)")
-    for flag, folder in (("--cam_dir", args.cam_dir), ("--mask_dir", args.mask_dir)):
+    for flag, folder in [("--cam_dir", args.cam_dir), *(("--mask_dir", m) for m in args.mask_dir or [])]:
         if folder and not Path(folder).is_dir():
             raise WSSSError(f"{flag} {folder} does not exist")
+    if args.mask_title and len(args.mask_title) != len(args.mask_dir or []):
+        titles, folders = len(args.mask_title), len(args.mask_dir or [])
+        raise WSSSError(f"{titles} --mask_title for {folders} --mask_dir; give one title per folder")
     if args.cell_size < 32:
         raise WSSSError(f"--cell_size {args.cell_size} is too small; use at least 32")
     check_writable(Path(args.out) if args.out else default_out(args), "--out")

@@ -217,6 +217,15 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     return f"{head.shape[0]}-class {net} {CLASS_HEADS[key][0]} (layers {depth_text})"
 
 
+def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registry name of the backbone a state dict holds, from its key family and block counts (None: unknown).
+
+    Works on any layout :func:`normalize_state_dict_keys` reads.
+    """
+    keys = list(normalize_state_dict_keys(state_dict))
+    return KNOWN_DEPTHS.get((_family(keys), _block_counts(keys)))
+
+
 def compare_state_dicts(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> KeyMismatch:
     """List the keys of ``expected`` missing from ``given``, the extra keys, and the keys whose shapes differ."""
     missing = [k for k in expected if k not in given]

@@ -1,5 +1,5 @@
 # Saliency-stage recipes (SPEC §12.4): C²AM-H on the P-NOC CAMs, its CRF-cleaned masks, PoolNet on those masks.
-# Source after env.sh and dataset.sh; every ${VAR:-default} can be overridden from the environment.
+# Source after env.sh and dataset.sh, before tags.sh; every ${VAR:-default} can be overridden from the environment.
 # SAL_DOMAIN: what C²AM-H and PoolNet train on and what the later stages read (train_aug on VOC/COCO; the
 # synthetic demo uses the priors' 200 train images, whose CAMs 1-priors.sh has already made, to stay in minutes).
 if [[ "$DATASET" == synthetic ]]; then SAL_DOMAIN=${SAL_DOMAIN:-train}; else SAL_DOMAIN=${SAL_DOMAIN:-$DOMAIN_TRAIN}; fi
@@ -27,9 +27,9 @@ case "$DATASET" in
     DILATED_SAL=${DILATED_SAL:-true}
     EPOCHS_SAL=${EPOCHS_SAL:-2}; BATCH_SAL=${BATCH_SAL:-32}; ACCUMULATE_SAL=${ACCUMULATE_SAL:-1}
     OPTIMIZER_SAL=${OPTIMIZER_SAL:-sgd}; LR_SAL=${LR_SAL:-0.001}; FG_T=${FG_T:-0.4}
-    SAL_WEIGHTS=${SAL_WEIGHTS:-experiments/models/$TAG_OC.pth}
+    SAL_WEIGHTS=${SAL_WEIGHTS:-}  # empty: the ordinary classifier's weights (runners/config/tags.sh)
     CRF_THRESHOLD=${CRF_THRESHOLD:-0.2}; CRF_T=${CRF_T:-10}; CRF_GT=${CRF_GT:-0.7}
-    ARCH_PN=${ARCH_PN:-resnet18}; PN_WEIGHTS=${PN_WEIGHTS:-experiments/models/$TAG_OC.pth}; EPOCHS_PN=${EPOCHS_PN:-8}
+    ARCH_PN=${ARCH_PN:-resnet18}; PN_WEIGHTS=${PN_WEIGHTS:-}; EPOCHS_PN=${EPOCHS_PN:-8}
     BATCH_PN=${BATCH_PN:-8}; ACCUMULATE_PN=${ACCUMULATE_PN:-1}; LR_PN=${LR_PN:-5e-4}
     HEAD_SCALE_PN=${HEAD_SCALE_PN:-0.25}; SMALL_SIDE_PN=${SMALL_SIDE_PN:-0} ;;
 esac

@@ -27,9 +27,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core import cli, inference, manifest, paths, runtime
+from core import cli, inference, manifest, paths, pseudo_masks, runtime
 from core.artifacts import PNG_SUFFIX, check_writable
-from core.cam import pseudo_masks
 from core.datasets import source_from_args
 from core.errors import WSSSError
 
@@ -114,22 +113,10 @@ def check_inputs(args: argparse.Namespace, job: pseudo_masks.PseudoMaskJob, ids:
     """Every id needs a CAM file (or a background-only fill), with ``--sal_dir`` a saliency map, and the output
     folder must be writable."""
     check_writable(job.out_dir, "--output", folder=True)
-    missing = job.missing_cam_files(ids)
-    if missing:
-        hint = "" if args.fill_missing_as_background else (
-            "; images without a foreground class have none: pass --fill_missing_as_background true for them"
-        )  # fmt: skip
-        raise WSSSError(
-            f"{job.describe_missing(missing, len(ids))}; run scripts/cam/inference.py "
-            f"for --domain {args.domain} first{hint}"
-        )
-    if job.sal_dir is not None:
-        no_saliency = [i for i in ids if not (job.sal_dir / f"{i}{PNG_SUFFIX}").is_file()]
-        if no_saliency:
-            raise WSSSError(
-                f"{len(no_saliency)} of {len(ids)} saliency maps missing in {job.sal_dir} "
-                f"(first: {no_saliency[0]}); make them first or fix --sal_dir"
-            )
+    hint = "" if args.fill_missing_as_background else (
+        "; images without a foreground class have none: pass --fill_missing_as_background true for them"
+    )  # fmt: skip
+    job.check_files(ids, args.domain, hint)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
