@@ -3,33 +3,25 @@
 # truth for the fully supervised upper bound) -> multi-scale + flip inference (+ dense CRF) on $SEG_DOMAINS ->
 # evaluation of the PNGs against GT on train/val -> the VOC test-server archive. Resumable like 1-priors.sh.
 #
-#   DATASET=voc12 NGPU=4 DATASETS_DIR=/data LABEL_NAME="<pseudo-mask folder>" bash runners/4-segmentation.sh
-#   DATASET=voc12 LABEL_NAME=gt bash runners/4-segmentation.sh          # fully supervised upper bound
-#   DATASET=synthetic LABEL_NAME=gt bash runners/4-segmentation.sh      # the CPU recipe (~2 min after 1-priors.sh)
-# LABEL_NAME names a folder under experiments/predictions/ (the reference's --label_name); gt = ground truth.
+#   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/4-segmentation.sh   # on stage 3's pseudo masks
+#   DATASET=voc12 LABEL_NAME=gt bash runners/4-segmentation.sh              # fully supervised upper bound
+#   DATASET=synthetic bash runners/4-segmentation.sh                        # the CPU recipe (after stages 1-3)
+# LABEL_NAME names a folder under experiments/predictions/ (the reference's --label_name; default stage 3's
+# $PSEUDO_MASKS of runners/config/tags.sh); gt = ground truth, trained under $TAG_SEG_GT.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
-source "$REPO/runners/config/dataset.sh"
-source "$REPO/runners/config/cam.sh"
+source "$REPO/runners/config/pipeline.sh"
 
-EID=${EID:-r1}
-TAG_OC=${TAG_OC:-vanilla/$DATASET-$ARCH-lr$LR-ls-ra-$EID}
-source "$REPO/runners/config/segmentation.sh"
-LABEL_NAME=${LABEL_NAME:?set LABEL_NAME to a pseudo-mask folder under experiments/predictions/ (stage 3) or to gt}
-LABEL_ID=${LABEL_NAME//\//_}
-TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-$ARCH_SEG@${LABEL_ID%%@*}-$EID}
+LABEL_NAME=${LABEL_NAME:-$PSEUDO_MASKS}  # stage 3's pseudo masks (runners/config/tags.sh); gt = ground truth
+if [[ "$LABEL_NAME" == gt ]]; then TAG_SEG=$TAG_SEG_GT; label_flags=(); else label_flags=(--label_name "$LABEL_NAME"); fi
 STAGES=${STAGES:-"train inference evaluate export"}
-
-if [[ "$LABEL_NAME" == gt ]]; then label_flags=(); else label_flags=(--label_name "$LABEL_NAME"); fi
-if [[ "$LABEL_NAME" != gt && ! -d "experiments/predictions/$LABEL_NAME" ]]; then
-  echo "error: label folder experiments/predictions/$LABEL_NAME does not exist; run runners/3-rw.sh (pseudo masks)" \
-    "first, or pass LABEL_NAME=gt" >&2
-  exit 2
-fi
-if [[ "$SEG_WEIGHTS" == *.pth && ! -f "$SEG_WEIGHTS" ]]; then
-  echo "error: backbone weights $SEG_WEIGHTS do not exist; run runners/1-priors.sh first (or set SEG_WEIGHTS)" >&2
-  exit 2
+require() {  # require PATH STAGE: a missing input names the runner that makes it
+  [[ -e "$1" ]] || { echo "error: $1 does not exist; run $2 first (or LABEL_NAME=gt for ground truth)" >&2; exit 2; }
+}
+if has_stage train && ! [[ -f "experiments/models/$TAG_SEG.pth" ]]; then
+  [[ "$LABEL_NAME" == gt ]] || require "experiments/predictions/$LABEL_NAME" runners/3-rw.sh
+  [[ "$SEG_WEIGHTS" != *.pth ]] || require "$SEG_WEIGHTS" runners/1-priors.sh
 fi
 seg_pred() {  # seg_pred DOMAIN: the inference folder of TAG_SEG on DOMAIN (scripts/segmentation/inference.py's name)
   local crf=""; (( SEG_CRF_T > 0 )) && crf="@crf=$SEG_CRF_T"

@@ -1,6 +1,6 @@
 # Segmentation-stage recipes (SPEC §12.6): DeepLabV3+ on a label folder, multi-scale + flip inference with the
 # DeepLab-v2 softmax CRF, evaluation of the PNGs. Source after env.sh and dataset.sh; every ${VAR:-default} can be
-# overridden from the environment.
+# overridden from the environment; sourced by config/pipeline.sh before tags.sh.
 # SEG_DOMAINS: where inference runs (train and val are scored against GT; VOC's test is exported for the server).
 case "$DATASET" in
   voc12|coco14)
@@ -20,7 +20,7 @@ case "$DATASET" in
   synthetic)
     # CPU-sized: ResNet-18 starting from the priors' ordinary classifier (the stand-in for ImageNet weights, as in
     # 2-saliency.sh), BatchNorm head, 96 px crops, AdamW; single scale + flip and no CRF at inference.
-    ARCH_SEG=${ARCH_SEG:-resnet18}; SEG_WEIGHTS=${SEG_WEIGHTS:-experiments/models/$TAG_OC.pth}
+    ARCH_SEG=${ARCH_SEG:-resnet18}; SEG_WEIGHTS=${SEG_WEIGHTS:-}  # empty: the ordinary classifier (tags.sh)
     USE_GN=${USE_GN:-false}; EPOCHS_SEG=${EPOCHS_SEG:-4}; BATCH_SEG=${BATCH_SEG:-16}; WD_SEG=${WD_SEG:-1e-4}
     OPTIMIZER_SEG=${OPTIMIZER_SEG:-adamw}; LR_SEG=${LR_SEG:-0.001}; AUGMENT_SEG=${AUGMENT_SEG:-none}
     IMAGE_SIZE_SEG=${IMAGE_SIZE_SEG:-96}; MIN_SIZE_SEG=${MIN_SIZE_SEG:-80}; MAX_SIZE_SEG=${MAX_SIZE_SEG:-112}

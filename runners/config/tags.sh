@@ -9,6 +9,7 @@ TAG_CCAMH=${TAG_CCAMH:-ccamh/$DATASET-${ARCH_SAL:-$ARCH}-fg${FG_T:-0.4}@pnoc-$EI
 TAG_PN=${TAG_PN:-poolnet/$DATASET-${ARCH_PN:-resnet50}@ccamh-$EID}
 TAG_AFF=${TAG_AFF:-affnet/$DATASET-${ARCH_AFF:-$ARCH}@pnoc+poolnet-$EID}
 TAG_SEG=${TAG_SEG:-deeplabv3+/$DATASET-${ARCH_SEG:-$ARCH}@rw-$EID}
+TAG_SEG_GT=${TAG_SEG_GT:-deeplabv3+/$DATASET-${ARCH_SEG:-$ARCH}@gt-$EID}  # trained on GT: the upper bound
 
 # Where the stages put what the next one reads (the scripts' own naming rules, core/paths.py).
 OC_WEIGHTS=experiments/models/$TAG_OC.pth
