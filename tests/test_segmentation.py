@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -274,7 +274,7 @@ def test_deeplab_trained_on_synthetic_gt_beats_an_untrained_network(synthetic_vo
 
 def test_runner_refuses_a_missing_label_folder_naming_the_stage_to_run(tmp_path):
     env = os.environ | {"WORK_DIR": str(tmp_path), "DATASET": "synthetic", "LABEL_NAME": "rw/none@train", "NGPU": "1"}
-    done = subprocess.run(
+    done = commands.run(
         ["bash", str(REPO / "runners" / "4-segmentation.sh")], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
