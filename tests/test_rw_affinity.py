@@ -22,11 +22,14 @@ from core.artifacts import save_label_map
 from core.datasets import build_source
 from core.datasets.transforms import normalize, to_chw
 from core.errors import WSSSError
+from core.labels import cams_to_label_map
+from core.metrics import confusion_matrix, scores_from_confusion
 from core.models import Classifier
 from core.rw import losses
 from core.rw.data import reduce_labels
 from core.rw.network import AffinityNet, load_affinity_net, normalize_affinity_keys
 from core.rw.paths import affinity_targets, edge_to_affinity, path_index
+from core.rw.walk import random_walk, rw_maps
 from scripts.rw import train_affinity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,9 +328,42 @@ def test_training_lowers_the_loss_of_held_out_images_and_raises_their_boundaries
     before = _held_out_scores(AffinityNet("resnet18").eval(), val)
     flags = train_flags(synthetic_voc, affinity_labels, "learn", "--max_epoch", "10", "--batch_size", "8")
     summary = train_affinity.main(parse([*flags, "--print_ratio", "1"]))
-    after = _held_out_scores(load_affinity_net(summary["final_path"], "resnet18"), val)
+    trained = load_affinity_net(summary["final_path"], "resnet18")
+    after = _held_out_scores(trained, val)
     assert after[0] < before[0] - 0.03, (before, after)
     assert after[1] > 0.04 and after[1] > before[1] + 0.05, (before, after)
+    # What the boundaries are for: the walk on them keeps CAM-like seeds of unseen images inside their objects, where
+    # the same walk without boundaries smears them (measured: 24.8 vs 11.2 mIoU). With this random frozen backbone
+    # it does not beat the seeds themselves (27.7); the demo's trained backbone does (CAMs 62.8 -> RW 72.5).
+    seeds, learned, flat = _walk_scores(trained, val)
+    assert learned > flat + 10, (seeds, learned, flat)
+
+
+def _walk_scores(model: AffinityNet, source) -> tuple[float, float, float]:
+    """mIoU of seeds on 10 % of each object's stride-4 cells (CAMs that fire on a part), of their random walk on
+    ``model``'s boundary maps, and of the same walk on a boundary map of zeros."""
+    rng = np.random.default_rng(0)
+    classes = len(source.classes)
+    confusions = {name: np.zeros((classes, classes), np.int64) for name in ("seeds", "learned", "flat")}
+    for image_id in source.ids:
+        gt = source.read_mask(image_id)
+        keys = np.array([k for k in np.unique(gt) if 0 < k < 255])
+        if not keys.size:
+            continue
+        image = torch.from_numpy(to_chw(normalize(source.read_image(image_id))))
+        edge = model.edge_map(image, pad_size=80)
+        grid = gt[2::4, 2::4]
+        seeds = torch.from_numpy(np.stack([(grid == k) & (rng.random(grid.shape) < 0.1) for k in keys]).astype("f4"))
+        maps = {
+            "seeds": seeds,
+            "learned": random_walk(seeds, edge, beta=10, exp_times=4),
+            "flat": random_walk(seeds, torch.zeros_like(edge), beta=10, exp_times=4),
+        }
+        for name, walked in maps.items():
+            _, full = rw_maps(walked, gt.shape)
+            confusions[name] += confusion_matrix(gt, cams_to_label_map(full, keys, 0.25), classes)
+    names = [str(k) for k in range(classes)]
+    return tuple(scores_from_confusion(confusions[n], names)["miou"] for n in ("seeds", "learned", "flat"))
 
 
 def test_two_processes_update_like_one_process(synthetic_voc, affinity_labels, tmp_path):
