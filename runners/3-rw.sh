@@ -6,6 +6,7 @@
 #
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/3-rw.sh     # after runners/1-priors.sh and 2-saliency.sh
 #   DATASET=synthetic bash runners/3-rw.sh                            # the CPU demo recipe (runners/demo.sh)
+#   AFF_SALIENCY=false AFF_FG=0.30 AFF_BG=0.05 bash runners/3-rw.sh   # IRN / Puzzle-CAM labels, no saliency stage
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
@@ -26,9 +27,13 @@ for DOMAIN in $RW_DOMAINS; do  # the P-NOC CAMs the walk starts from (1-priors.s
 done
 
 if has_stage affinity-labels; then
-  require "$(poolnet_of "$AFF_DOMAIN")" runners/2-saliency.sh
+  sal_flags=()  # AFF_SALIENCY=false: the IRN / Puzzle-CAM recipe, two CAM thresholds and no saliency stage
+  if [[ "$AFF_SALIENCY" == true ]]; then
+    require "$(poolnet_of "$AFF_DOMAIN")" runners/2-saliency.sh
+    sal_flags=(--sal_dir "$(poolnet_of "$AFF_DOMAIN")")
+  fi
   $PY "$REPO/scripts/rw/make_affinity_labels.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$AFF_DOMAIN" \
-    --cams_dir "$(cams_of "$TAG_PNOC" "$AFF_DOMAIN")" --sal_dir "$(poolnet_of "$AFF_DOMAIN")" \
+    --cams_dir "$(cams_of "$TAG_PNOC" "$AFF_DOMAIN")" "${sal_flags[@]}" \
     --fg_threshold "$AFF_FG" --bg_threshold "$AFF_BG" --crf_t "$AFF_CRF_T" --crf_gt_prob "$AFF_CRF_GT" \
     --output "$AFF_LABELS" --num_workers "$WORKERS_INFER"
 fi

@@ -4,6 +4,7 @@
 # RW_DOMAINS: where the walk runs; PSEUDO_DOMAINS: the pseudo masks the segmentation stage trains on, in one folder.
 AFF_DOMAIN=${AFF_DOMAIN:-$SAL_DOMAIN}
 AFF_FG=${AFF_FG:-0.40}; AFF_BG=${AFF_BG:-0.10}; AFF_CRF_T=${AFF_CRF_T:-10}; AFF_CRF_GT=${AFF_CRF_GT:-0.7}
+AFF_SALIENCY=${AFF_SALIENCY:-true}  # false: affinity labels from two CAM thresholds only (IRN / Puzzle-CAM)
 PSEUDO_CRF_T=${PSEUDO_CRF_T:-1}; PSEUDO_CRF_GT=${PSEUDO_CRF_GT:-0.9}
 PSEUDO_MIN_FG=${PSEUDO_MIN_FG:-0.01}  # stop when fewer pixels carry a class (make_pseudo_labels.py --min_foreground)
 case "$DATASET" in

@@ -7,7 +7,8 @@ TAG_OC=${TAG_OC:-vanilla/$DATASET-$ARCH-lr$LR-ls-ra-$EID}
 TAG_PNOC=${TAG_PNOC:-pnoc/$DATASET-$ARCH-pnoc-b$BATCH_PNOC-a$PUZZLE_ALPHA-lr$LR-ls@$ARCH-lsra-$EID}
 TAG_CCAMH=${TAG_CCAMH:-ccamh/$DATASET-${ARCH_SAL:-$ARCH}-fg${FG_T:-0.4}@pnoc-$EID}
 TAG_PN=${TAG_PN:-poolnet/$DATASET-${ARCH_PN:-resnet50}@ccamh-$EID}
-TAG_AFF=${TAG_AFF:-affnet/$DATASET-${ARCH_AFF:-$ARCH}@pnoc+poolnet-$EID}  # AffinityNet; its RW maps carry its name
+aff_inputs=pnoc+poolnet; [[ "${AFF_SALIENCY:-true}" == true ]] || aff_inputs=pnoc
+TAG_AFF=${TAG_AFF:-affnet/$DATASET-${ARCH_AFF:-$ARCH}@$aff_inputs-$EID}  # AffinityNet; its RW maps carry its name
 # DeepLabV3+ trains on LABEL_NAME (a folder under experiments/predictions/, or gt); its tag names that source.
 PSEUDO_MASKS=$TAG_AFF@beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}@rw@t=${PSEUDO_T:-0.3}@crf=${PSEUDO_CRF_T:-1}
 LABEL_NAME=${LABEL_NAME:-$PSEUDO_MASKS}
@@ -19,6 +20,7 @@ OC_WEIGHTS=experiments/models/$TAG_OC.pth
 cams_of() { echo "experiments/predictions/$1@$2@scale=$SCALES"; }  # cams_of TAG DOMAIN
 poolnet_of() { echo "experiments/predictions/$TAG_PN@$1"; }         # poolnet_of DOMAIN
 AFF_LABELS=experiments/predictions/$TAG_PNOC@aff_fg=${AFF_FG:-0.40}_bg=${AFF_BG:-0.10}
+[[ "${AFF_SALIENCY:-true}" == true ]] || AFF_LABELS=$AFF_LABELS@cams_only
 rw_of() { echo "experiments/predictions/$TAG_AFF@$1@beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}@rw"; }  # rw_of DOMAIN
 seg_pred() {  # seg_pred DOMAIN: the inference folder of TAG_SEG on DOMAIN (scripts/segmentation/inference.py's name)
   local crf=""; (( SEG_CRF_T > 0 )) && crf="@crf=$SEG_CRF_T"
