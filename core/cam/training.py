@@ -23,7 +23,7 @@ from core.datasets.transforms import build_classification_transform, build_valid
 from core.engine import TrainContext, ValidateFn, build_loader
 from core.errors import WSSSError
 from core.models import BACKBONES, Classifier, load_classifier_weights
-from core.models.initialization import DEFAULT_SCRATCH_INIT, SCRATCH_INITS
+from core.models.initialization import DEFAULT_SCRATCH_INIT, add_scratch_init_arg
 from core.optim import PolyLR, build_optimizer, build_param_groups
 from core.runtime import Run
 
@@ -94,17 +94,7 @@ def add_classifier_args(parser: argparse.ArgumentParser) -> None:
     add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16")
     add_bool_arg(group, "--trainable-stem", True, "train the first convolution and its BatchNorm")
     add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the classifier head)")
-    add_arg(
-        group,
-        "--scratch_init",
-        type=str,
-        default=DEFAULT_SCRATCH_INIT,
-        choices=SCRATCH_INITS,
-        help="init of a random backbone (--backbone_weights none; loaded weights are never touched): torchvision "
-        "(default) = the torchvision/ResNeSt constructors' Kaiming-normal fan_out convs, better and more stable at the "
-        "synthetic recipe's lr (README); pytorch = PyTorch's default layer init, as the reference's hand-built "
-        "ResNets (smaller weights: wants a lower lr with AdamW)",
-    )
+    add_scratch_init_arg(group)
     add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
 
 

@@ -28,7 +28,7 @@ from core.engine import TrainContext, build_loader
 from core.errors import WSSSError
 from core.metrics import ThresholdSweep, best_index, scores_from_confusion
 from core.models import BACKBONES, load_classifier_weights
-from core.models.initialization import DEFAULT_SCRATCH_INIT, SCRATCH_INITS
+from core.models.initialization import DEFAULT_SCRATCH_INIT, add_scratch_init_arg
 from core.multiscale import max_normalize
 from core.optim import PolyLR, build_optimizer, build_param_groups
 
@@ -69,14 +69,7 @@ def add_network_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     )
     if training:
         add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the C²AM head)")
-        add_arg(
-            group,
-            "--scratch_init",
-            type=str,
-            default=DEFAULT_SCRATCH_INIT,
-            choices=SCRATCH_INITS,
-            help="init of a random backbone (--backbone_weights none)",
-        )
+        add_scratch_init_arg(group)
         add_arg(group, "--restore", type=str, default=None, help="start from the weights of this C²AM checkpoint")
     return group
 

@@ -11,14 +11,32 @@ from scratch").
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from core.cli import add_arg
 from core.errors import WSSSError
 
 #: ``torchvision``: the constructors' own init (kept as built); ``pytorch``: PyTorch's default init of every layer,
 #: as the reference's hand-built ResNets.
 SCRATCH_INITS = ("torchvision", "pytorch")
 DEFAULT_SCRATCH_INIT = "torchvision"
+
+
+def add_scratch_init_arg(group: Any) -> None:
+    """``--scratch_init``, the same flag in every stage that trains a backbone."""
+    add_arg(
+        group,
+        "--scratch_init",
+        type=str,
+        default=DEFAULT_SCRATCH_INIT,
+        choices=SCRATCH_INITS,
+        help="init of a random backbone (--backbone_weights none; loaded weights are never touched): torchvision "
+        "(default) = the torchvision/ResNeSt constructors' Kaiming-normal fan_out convs, better and more stable at the "
+        "synthetic recipe's lr (README); pytorch = PyTorch's default layer init, as the reference's hand-built "
+        "ResNets (smaller weights: wants a lower lr with AdamW)",
+    )
 
 
 def check_scratch_init(scheme: str) -> str:

@@ -24,7 +24,7 @@ from core.engine import TrainContext, build_loader
 from core.errors import WSSSError
 from core.models import BACKBONES
 from core.models.backbones import VIT_ARCHITECTURES
-from core.models.initialization import DEFAULT_SCRATCH_INIT, SCRATCH_INITS
+from core.models.initialization import add_scratch_init_arg
 from core.optim import PolyLR, build_optimizer
 from core.rw import data, losses
 from core.rw.network import EDGE_STRIDE, AffinityNet
@@ -60,14 +60,7 @@ def add_affinity_args(parser: argparse.ArgumentParser) -> None:
     )
     add_arg(group, "--mode", type=str, default="fix", choices=("normal", "fix"), help="backbone BatchNorm module")
     add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16")
-    add_arg(
-        group,
-        "--scratch_init",
-        type=str,
-        default=DEFAULT_SCRATCH_INIT,
-        choices=SCRATCH_INITS,
-        help="init of a random backbone (--backbone_weights none)",
-    )
+    add_scratch_init_arg(group)
 
 
 def get_args_parser(prog: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:

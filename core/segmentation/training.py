@@ -34,7 +34,7 @@ from core.labels import IGNORE_INDEX
 from core.metrics import confusion_matrix, scores_from_confusion
 from core.models import BACKBONES, load_classifier_weights
 from core.models.backbones import VIT_ARCHITECTURES
-from core.models.initialization import DEFAULT_SCRATCH_INIT, SCRATCH_INITS
+from core.models.initialization import DEFAULT_SCRATCH_INIT, add_scratch_init_arg
 from core.optim import PolyLR, build_optimizer, build_param_groups
 from core.segmentation.labels import check_label_folder, label_folder
 from core.segmentation.network import DeepLabV3Plus
@@ -68,14 +68,7 @@ def add_network_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     add_bool_arg(group, "--dilated", False, "output stride 8 (ASPP rates 12/24/36) instead of 16 (6/12/18)")
     add_bool_arg(group, "--use_gn", True, "GroupNorm (4 groups) in ASPP and decoder instead of BatchNorm")
     if training:
-        add_arg(
-            group,
-            "--scratch_init",
-            type=str,
-            default=DEFAULT_SCRATCH_INIT,
-            choices=SCRATCH_INITS,
-            help="init of a random backbone (--backbone_weights none)",
-        )
+        add_scratch_init_arg(group)
         add_arg(group, "--restore", type=str, default=None, help="start from the weights of this DeepLabV3+ file")
     return group
 
