@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import commands
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -115,6 +118,51 @@ def test_compare_runner_rejects_a_bad_seed_count(tmp_path):
     failed = run_runner("compare-cams.sh", tmp_path, "--seeds", "0", DATASET="synthetic")
     assert failed.returncode == 2
     assert failed.stderr.strip() == "error: SEEDS=0 must be a positive integer"
+
+
+def voc_tree_as_coco(voc: Path, coco: Path) -> dict[str, str]:
+    """The synthetic VOC tree in COCO 2014's layout: train -> train2014, val -> val2014, masks (class indices, which
+    the synthetic classes share with COCO's first ones) -> coco_seg_anno/; returns VOC id -> COCO id."""
+    ids = {}
+    for voc_domain, split in (("train", "train2014"), ("val", "val2014")):
+        (coco / split).mkdir(parents=True, exist_ok=True)
+        (coco / "coco_seg_anno").mkdir(exist_ok=True)
+        for image_id in (voc / "ImageSets" / "Segmentation" / f"{voc_domain}.txt").read_text().split():
+            coco_id = f"{len(ids) + 1:012d}"
+            shutil.copy(voc / "JPEGImages" / f"{image_id}.jpg", coco / split / f"COCO_{split}_{coco_id}.jpg")
+            mask = np.asarray(Image.open(voc / "SegmentationClass" / f"{image_id}.png"))  # palette indices
+            Image.fromarray(mask.astype(np.uint8)).save(coco / "coco_seg_anno" / f"{coco_id}.png")
+            ids[image_id] = coco_id
+    return ids
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_end_to_end_on_a_coco_layout_tree(tmp_path):
+    """DATASET=coco14 through every stage (the COCO reader, lists from tools/prepare_coco14.py, the coco14 recipes
+    with every network shrunk to resnet18 at 64 px): each stage scores on train2014/val2014 like on VOC."""
+    voc, coco = tmp_path / "voc", tmp_path / "coco14"
+    make_tiny_data(voc)
+    voc_tree_as_coco(voc, coco)
+    commands.run([sys.executable, str(REPO / "tools" / "prepare_coco14.py"), "--data_dir", str(coco),
+                  "--num_workers", "1"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    small = {f"ARCH{part}": "resnet18" for part in ("", "_SAL", "_PN", "_AFF", "_SEG")}
+    small |= {f"{part}WEIGHTS": "none" for part in ("BACKBONE_", "SAL_", "PN_", "AFF_", "SEG_")}
+    small |= {"STAGE4_SAL": "0", "HEAD_SCALE_PN": "0.25", "SMALL_SIDE_PN": "0", "USE_GN": "false", "RW_EXP": "1",
+              "SEG_SCALES": "1.0", "SEG_CRF_T": "0", "MIXED_PRECISION": "false", "OPTIMIZER": "adamw", "LR": "0.001",
+              "PUZZLE_ALPHA": "1.0", "AUGMENT_OC": "none", "BATCH_SAL": "4", "ACCUMULATE_SAL": "1", "BATCH_PN": "4",
+              "ACCUMULATE_PN": "1"}  # fmt: skip
+    work = tmp_path / "work"
+    done = run_runner("pipeline.sh", work, DATASET="coco14", DATA_DIR=str(coco), **small)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = work / "experiments" / "results" / "coco14"
+    scores = {path.name: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    stages = {name.split("_")[0] for name in scores}
+    assert stages == {"vanilla", "pnoc", "saliency", "afflabels", "rw", "pseudo", "seg"}, sorted(scores)
+    assert all("@train2014" in name or "@val2014" in name for name in scores)  # COCO's domains
+    assert any(name.startswith("seg_") and name.endswith("@val2014.json") for name in scores)
+    for summary in scores.values():
+        assert 0 < summary["miou"] <= 100 and summary["protocol"]["dataset"] == "coco14"
+    assert "seg_coco14" in done.stdout  # the pipeline's table
 
 
 def test_unknown_dataset_is_one_clear_line(tmp_path):

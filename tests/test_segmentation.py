@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core import cli
 from core.artifacts import load_label_map, save_label_map
 from core.datasets import SegmentationDataset, build_source
 from core.errors import WSSSError
@@ -291,3 +293,47 @@ def test_benchmark_seg_reports_positive_rates_beside_limits(capsys):
     for stage in result["stages"].values():
         assert stage["images_per_s"] > 0 and stage["limit"]["images_per_s"] > 0
     assert '"benchmark": "seg"' in capsys.readouterr().out
+
+
+# -- multi-process ----------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_like_one_process_with_the_same_global_batch(synthetic_voc, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and one process, global batches of 4 images, 2 per optimizer step: the
+    same weights (the loss is one mean over the global batch's labelled pixels). Frozen backbone BatchNorm (--mode
+    fix) and the GroupNorm head: per-process BatchNorm statistics would differ from the global batch's on CPU, where
+    SyncBatchNorm does not run."""
+    flags = train_flags(synthetic_voc, "ddp", "--mode", "fix", "--use_gn", "true", "--batch_size", "4")
+    flags += ["--accumulate_steps", "2", "--domain_train", "train", "--validate", "false", "--image_size", "48"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *flags]
+    done = commands.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = [f if f != "ddp" else "single" for f in flags]
+    done = commands.run([sys.executable, __file__, *single], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torch.load(tmp_path / "experiments/models/ddp.pth", weights_only=True)
+    one = torch.load(tmp_path / "experiments/models/single.pth", weights_only=True)
+    start = DeepLabV3Plus("resnet18", 21, use_gn=True).state_dict()
+    norms = [k for k in start if k.startswith(("aspp", "decoder")) and k.endswith("weight") and start[k].ndim == 1]
+    assert norms and all(torch.all(start[k] == 1) and not torch.equal(one[k], start[k]) for k in norms)  # γ trained
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _deterministic_worker() -> None:
+    # Each process draws its own augmentation and dropout streams: with a fixed resize-and-crop and no dropout the
+    # two runs see the same pixels and the same network, so only the splitting of the batch differs.
+    from core.datasets import transforms
+    from core.segmentation import training
+
+    training.build_segmentation_transform = lambda low, high, crop, augment: transforms.build_validation_transform(crop)
+    nn.Dropout.forward = lambda self, x: x
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cli.run(train.main, train.get_args_parser())
+
+
+if __name__ == "__main__":
+    _deterministic_worker()

@@ -221,13 +221,17 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     return images, masks
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, label_smoothing: float = 0.0, labelled: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy over the labelled pixels (255 ignored), with label smoothing; 0 when a batch has none.
 
     Args:
         logits: float [B, K, H, W]; masks: int64 [B, H, W] in 0..K-1 or 255.
+        labelled: the number of labelled pixels to divide by (e.g. summed over processes); default this batch's.
     """
-    labelled = (masks != IGNORE_INDEX).sum()
+    if labelled is None:
+        labelled = (masks != IGNORE_INDEX).sum()
     total = F.cross_entropy(
         logits.float(), masks, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
     )
@@ -246,9 +250,12 @@ def make_step_fn(args: argparse.Namespace) -> engine.StepFn:
         images, masks = ctx.to_device(images), ctx.to_device(masks)
         with ctx.autocast():
             logits = ctx.models[NETWORK](images)
-        loss = segmentation_loss(logits, masks, args.label_smoothing)
-        ctx.update(NETWORK, loss)
-        return {"loss": loss.item()}
+        # One mean over the labelled pixels of the global batch, as the reference's DataParallel computes it: a
+        # per-process mean would weigh each process's pixels by its own count.
+        labelled = distributed.all_reduce_sum_((masks != IGNORE_INDEX).sum().float())
+        share = segmentation_loss(logits, masks, args.label_smoothing, labelled)
+        ctx.update(NETWORK, share * ctx.run.dist.world_size)  # x world: DDP averages the processes' gradients
+        return {"loss": distributed.all_reduce_sum_(share.detach()).item()}
 
     return step
 
