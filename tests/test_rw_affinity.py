@@ -191,7 +191,7 @@ def test_the_loss_terms_are_pair_means_and_split_over_processes_like_one_batch()
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _uncertain_borders(mask: np.ndarray) -> np.ndarray:
+def uncertain_borders(mask: np.ndarray) -> np.ndarray:
     """Affinity labels from a GT mask: the mask with every pixel next to another label made uncertain (255)."""
     labels = mask.copy()
     border = np.zeros(mask.shape, dtype=bool)
@@ -209,7 +209,7 @@ def affinity_labels(synthetic_voc, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("affinity_labels")
     source = build_source("voc12", synthetic_voc, "train")
     for image_id in source.ids:
-        save_label_map(folder / f"{image_id}.png", _uncertain_borders(source.read_mask(image_id)))
+        save_label_map(folder / f"{image_id}.png", uncertain_borders(source.read_mask(image_id)))
     return folder
 
 
@@ -306,7 +306,7 @@ def _held_out_scores(model: AffinityNet, source) -> tuple[float, float]:
     losses_, gaps = [], []
     for image_id in source.ids:
         labels = np.full((80, 80), 255, np.uint8)
-        labels[:64, :64] = _uncertain_borders(source.read_mask(image_id))
+        labels[:64, :64] = uncertain_borders(source.read_mask(image_id))
         reduced = torch.from_numpy(reduce_labels(labels).astype(np.int64))
         image = torch.from_numpy(to_chw(normalize(source.read_image(image_id))))
         with torch.no_grad():
@@ -334,7 +334,8 @@ def test_training_lowers_the_loss_of_held_out_images_and_raises_their_boundaries
     assert after[1] > 0.04 and after[1] > before[1] + 0.05, (before, after)
     # What the boundaries are for: the walk on them keeps CAM-like seeds of unseen images inside their objects, where
     # the same walk without boundaries smears them (measured: 24.8 vs 11.2 mIoU). With this random frozen backbone
-    # it does not beat the seeds themselves (27.7); the demo's trained backbone does (CAMs 62.8 -> RW 72.5).
+    # it does not beat the seeds themselves (27.7); on a trained backbone it does (test_learning.py: CAMs 39.8 -> RW
+    # 57.6; the demo's CAMs 62.8 -> RW 72.5).
     seeds, learned, flat = _walk_scores(trained, val)
     assert learned > flat + 10, (seeds, learned, flat)
 
