@@ -40,7 +40,6 @@ from core.labels import IGNORE_INDEX, compact_labels, labels_after_crf
 from core.pseudo_masks import PseudoMaskJob
 
 AUTO = "auto"
-METHODS = ("irn", "psa")
 DEFAULT_CRF_T = {"irn": 0, "psa": 10}  # irn: the label CRF is off unless asked; psa: its score maps are CRF outputs
 PSA_STRIDE = 8  # the stride-8 cells of PSA's labels
 PSA_CRF = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 80, "bilateral_srgb": 13, "bilateral_compat": 10}

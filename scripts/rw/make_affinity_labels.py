@@ -39,7 +39,7 @@ from core import cli, manifest, paths, pseudo_masks, runtime
 from core.artifacts import PNG_SUFFIX, check_writable
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.rw import labels
+from core.rw import labels, recipes
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--method",
         type=str,
         default="irn",
-        choices=labels.METHODS,
+        choices=recipes.METHODS,
         help="irn: CAM thresholds (and saliency); psa: la/ha CRF score maps pooled x8 (PSA, SEAM, PPC)",
     )
     cli.add_arg(group, "--alpha_low", type=float, default=4.0, help="psa: background power of the la map (4)")
