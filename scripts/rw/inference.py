@@ -191,13 +191,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.model_name, f"train it first (python scripts/rw/train_affinity.py --tag {args.model_name})"
     )
     inputs = {"weights": manifest.file_fingerprint(weights), "cams": manifest.folder_fingerprint(cams)}
+    model = load_network(args, weights, "cpu")  # before the output folder exists: weights of the other --method stop
     with runtime.stage_run(
         args, "rw", __file__, out_dir, inputs, runtime.data_context(args), outputs=out_dir.glob(f"*{CAM_SUFFIX}"),
         device=args.device,
     ) as run:  # fmt: skip
         fmt = compute_format(bool(args.mixed_precision), run.device, channels_last=False)
-        log_compute_format(fmt, "AffinityNet boundary maps")
-        model = load_network(args, weights, run.device)
+        log_compute_format(fmt, "PSA AffinityNet features" if args.method == "psa" else "AffinityNet boundary maps")
+        model.to(run.device)
         skipped = len(source.ids) - len(ids)
         logger.info(
             "%s random walk (beta %g, 2^%d steps) of %d of %d images of %s from %s -> %s; "
