@@ -9,7 +9,11 @@ network trains (stem frozen, as PSA froze conv1a), with the four LR groups of SP
 x10, biases x2).
 
 State-dict keys: ``backbone.<native key>`` and the reference's ``f8_3``, ``f8_4``, ``f8_5``, ``f9`` weights, so a
-PSA checkpoint is told apart from an IRN one (``fc_edge*``) before anything is loaded.
+PSA checkpoint is told apart from an IRN one (``fc_edge*``) before anything is loaded. A PSA reference file of the
+ResNet-38 layout (top-level ``conv1a.*``, ``b2.*``..``bn7.*``) loads too: :func:`core.models.normalize_state_dict_keys`
+maps its backbone keys (where the registry has ``resnet38``), and its heads are taken back from the names SEAM's PCM
+uses for the same three convs (``pcm.low/mid/fuse`` -> ``f8_3/f8_4/f9``, told apart by ``f8_5``); BatchNorm
+``num_batches_tracked`` counters such files lack are filled with zeros (they change no output).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ LEVEL_CHANNELS = (64, 128, 256)  # f8_3, f8_4, f8_5 (PSA)
 FEATURE_CHANNELS = 448  # f9
 HEAD_LAYERS = ("f8_3", "f8_4", "f8_5", "f9")
 IRN_KEY = "fc_edge"
+# SEAM's PCM convs share PSA's names f8_3, f8_4, f9; the key normaliser renames them for SEAM, and a PSA file
+# (which also has f8_5) takes them back.
+_PCM_NAMES = {"pcm.low.": "f8_3.", "pcm.mid.": "f8_4.", "pcm.fuse.": "f9."}
 
 
 class PsaAffinityNet(nn.Module):
@@ -135,6 +142,30 @@ class PsaAffinityNet(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def psa_state_dict(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The state dict of a PSA AffinityNet checkpoint in the current layout (see the module docstring)."""
+    state_dict = normalize_state_dict_keys(unwrap_state_dict(raw, name))
+    if "f8_5.weight" in state_dict:
+        state_dict = {_psa_head_key(key): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _psa_head_key(key: str) -> str:
+    for pcm, psa in _PCM_NAMES.items():
+        if key.startswith(pcm):
+            return psa + key[len(pcm) :]
+    return key
+
+
+def _with_batch_counters(expected: Mapping[str, torch.Tensor], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` plus zero ``num_batches_tracked`` counters for the BatchNorm layers it has without them."""
+    for key, value in expected.items():
+        layer = key.removesuffix("num_batches_tracked")
+        if layer != key and key not in given and f"{layer}running_mean" in given:
+            given[key] = torch.zeros_like(value, device="cpu")
+    return given
+
+
 def check_psa_keys(state_dict: Mapping[str, Any], name: str, flag: str) -> None:
     """WSSSError (one line) unless ``state_dict`` is a PSA AffinityNet's: an IRN AffinityNet says to pass
     ``--method irn``, anything else what it holds."""
@@ -173,7 +204,7 @@ def load_psa_affinity_net(
         WSSSError: unreadable file, an IRN AffinityNet or another network, weights of another backbone.
     """
     name = os.fspath(path)
-    state_dict = normalize_state_dict_keys(unwrap_state_dict(read_checkpoint(path, trusted=trusted), name))
+    state_dict = psa_state_dict(read_checkpoint(path, trusted=trusted), name)
     check_psa_keys(state_dict, name, flag)
     held = architecture_of(state_dict)
     architecture = architecture or held
@@ -182,6 +213,7 @@ def load_psa_affinity_net(
             f"{flag} {path}: cannot tell the backbone of {describe_state_dict(state_dict)}; pass --architecture"
         )
     model = PsaAffinityNet(architecture, backbone_weights="none", mode=mode, dilated=dilated)
+    state_dict = _with_batch_counters(model.state_dict(), state_dict)
     mismatch = compare_state_dicts(model.state_dict(), state_dict)
     if not mismatch.is_empty():
         raise WSSSError(
