@@ -18,6 +18,7 @@ from core.artifacts import cam_path, load_cam, load_label_map
 from core.datasets import build_source
 from core.errors import WSSSError
 from core.labels import cams_to_label_map
+from core.models import BACKBONES
 from core.rw import losses
 from core.rw.labels import pool_cells, psa_affinity_labels, psa_scores
 from core.rw.paths import feature_affinity, path_index
@@ -211,3 +212,22 @@ def test_an_irn_checkpoint_with_method_psa_is_refused_in_one_line(tmp_path, synt
                 ["--data_dir", str(synthetic_voc), "--method", "psa", "--cams_dir", "x", "--sal_dir", ".", "--tag", "t"]
             )
         )
+
+
+@pytest.mark.skipif("test_resnet38" not in BACKBONES, reason="the ResNet-38 backbone (branch seam) is not merged")
+def test_a_psa_reference_checkpoint_of_the_resnet38_layout_loads(tmp_path):
+    # PSA's resnet38_aff files: the backbone's own keys at the top level, f8_3/f8_4/f8_5/f9, no BN batch counters.
+    torch.manual_seed(0)
+    model = PsaAffinityNet("test_resnet38").eval()
+    assert model.backbone.stage_channels[2:] == (32, 64, 256)  # conv4, conv5, conv6 (x1/16 widths)
+    image = torch.randn(3, 50, 70)
+    features = model.feature_map(image)
+    assert features.shape == (448, 7, 9)
+    reference = {
+        key.removeprefix("backbone."): value
+        for key, value in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    torch.save(reference, tmp_path / "resnet38_aff.pth")
+    loaded = load_psa_affinity_net(tmp_path / "resnet38_aff.pth", "test_resnet38")
+    torch.testing.assert_close(loaded.feature_map(image), features)
