@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,7 @@ from scripts import evaluate
 from scripts.rw import inference as rw_inference
 from scripts.rw import make_affinity_labels, train_affinity
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.torch_threads(1)
 
 
@@ -231,3 +234,26 @@ def test_a_psa_reference_checkpoint_of_the_resnet38_layout_loads(tmp_path):
     torch.save(reference, tmp_path / "resnet38_aff.pth")
     loaded = load_psa_affinity_net(tmp_path / "resnet38_aff.pth", "test_resnet38")
     torch.testing.assert_close(loaded.feature_map(image), features)
+
+
+def test_the_runner_config_names_the_psa_folders_as_the_scripts_do(tmp_path):
+    script = (
+        f'REPO={REPO}; source "$REPO/runners/config/env.sh"; source "$REPO/runners/config/pipeline.sh"; '
+        'echo "$AFF_LABELS"; echo "$(rw_of train)"; echo "$PSEUDO_MASKS"; echo "$LR_AFF $RW_BETA $RW_EXP $PSEUDO_T"'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RW_", "AFF_", "LR_", "PSEUDO_", "TAG_"))}
+    env |= {"WORK_DIR": str(tmp_path), "NGPU": "1", "DATASET": "voc12", "RW_METHOD": "psa", "EID": "r1"}
+    done = commands.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    labels, rw, pseudo, recipe = done.stdout.strip().splitlines()
+    assert labels.endswith("@aff_la=4_ha=24") and "@pnoc-psa-r1@" in rw + "@"
+    assert rw.endswith("@train@beta=8@logt=6@bg=0.27@rw") and pseudo.endswith("@beta=8@logt=6@bg=0.27@rw@t=0.5@crf=1")
+    assert recipe == "0.01 8 6 0.5"
+    # the scripts' own names for the same flags
+    args = rw_inference.get_args_parser().parse_args(
+        ["--method", "psa", "--model_name", "affnet/x", "--cam_dir", "c", "--domain", "train", "--bg_score", "0.27"]
+    )
+    assert str(rw_inference.output_dir(args)).endswith("affnet/x@train@beta=8@logt=6@bg=0.27@rw")
+    env["RW_METHOD"] = "walk"
+    failed = commands.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 2 and failed.stderr.strip() == "error: unknown RW_METHOD=walk (choose irn or psa)"
