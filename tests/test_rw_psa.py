@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from core import paths
-from core.artifacts import cam_path, load_cam, load_label_map
+from core.artifacts import cam_path, load_cam, load_label_map, save_label_map
 from core.datasets import build_source
 from core.errors import WSSSError
 from core.labels import cams_to_label_map
@@ -257,3 +257,63 @@ def test_the_runner_config_names_the_psa_folders_as_the_scripts_do(tmp_path):
     env["RW_METHOD"] = "walk"
     failed = commands.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert failed.returncode == 2 and failed.stderr.strip() == "error: unknown RW_METHOD=walk (choose irn or psa)"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _gt_affinity_labels(mask: np.ndarray) -> np.ndarray:
+    """Affinity labels from a GT mask: every pixel next to another label uncertain (255)."""
+    labels = mask.copy()
+    border = np.zeros(mask.shape, dtype=bool)
+    border[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    border[:, :-1] |= mask[:, 1:] != mask[:, :-1]
+    border[1:] |= mask[1:] != mask[:-1]
+    border[:-1] |= mask[1:] != mask[:-1]
+    labels[border] = 255
+    return labels
+
+
+def _walk_miou(model: PsaAffinityNet | None, source) -> float:
+    """mIoU of the PSA walk (logt 3, bg 0.27, threshold 0.5) of seeds on 20 % of each object's stride-8 cells, on
+    ``model``'s features or (None) on equal features everywhere."""
+    from core.datasets.transforms import normalize, to_chw
+    from core.metrics import confusion_matrix, scores_from_confusion
+
+    rng = np.random.default_rng(0)
+    classes = len(source.classes)
+    confusion = np.zeros((classes, classes), np.int64)
+    for image_id in source.ids:
+        gt = source.read_mask(image_id)
+        keys = np.array([k for k in np.unique(gt) if 0 < k < 255])
+        if not keys.size:
+            continue
+        image = torch.from_numpy(to_chw(normalize(source.read_image(image_id))))
+        features = model.feature_map(image) if model is not None else torch.zeros(8, 8, 8)
+        cells = gt[4::8, 4::8]
+        seeds = np.stack([(cells == k) & (rng.random(cells.shape) < 0.2) for k in keys]).astype(np.float32)
+        hr_seeds = torch.from_numpy(np.repeat(np.repeat(seeds, 8, axis=1), 8, axis=2))
+        walked = psa_random_walk(psa_seeds(hr_seeds, None, 0.27), features, beta=8, logt=3)
+        _, hr_cam = psa_rw_maps(walked, gt.shape)
+        confusion += confusion_matrix(gt, cams_to_label_map(hr_cam, keys, 0.5), classes)
+    return scores_from_confusion(confusion, [str(k) for k in range(classes)])["miou"]
+
+
+@pytest.mark.slow
+def test_psa_training_learns_features_that_keep_the_walk_inside_objects(synthetic_voc, tmp_path):
+    source = build_source("voc12", synthetic_voc, "train")
+    for image_id in source.ids:
+        save_label_map(tmp_path / "labels" / f"{image_id}.png", _gt_affinity_labels(source.read_mask(image_id)))
+    flags = [
+        "--method", "psa", "--tag", "learn", "--data_dir", str(synthetic_voc), "--domain", "train", "--label_dir",
+        str(tmp_path / "labels"), "--architecture", "resnet18", "--backbone_weights", "none", "--image_size", "80",
+        "--min_image_size", "64", "--max_image_size", "96", "--batch_size", "8", "--max_epoch", "8", "--lr", "0.05",
+        "--num_workers", "0", "--device", "cpu", "--print_ratio", "1",
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    summary = train_affinity.main(train_affinity.get_args_parser().parse_args(flags))
+    val = build_source("voc12", synthetic_voc, "val")
+    learned, flat = _walk_miou(load_psa_affinity_net(summary["final_path"]), val), _walk_miou(None, val)
+    assert learned > flat + 10, (learned, flat)
