@@ -7,6 +7,7 @@
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/3-rw.sh     # after runners/1-priors.sh and 2-saliency.sh
 #   DATASET=synthetic bash runners/3-rw.sh                            # the CPU demo recipe (runners/demo.sh)
 #   AFF_SALIENCY=false AFF_FG=0.30 AFF_BG=0.05 bash runners/3-rw.sh   # IRN / Puzzle-CAM labels, no saliency stage
+#   RW_METHOD=psa bash runners/3-rw.sh                                # PSA's AffinityNet (SEAM/PPC recipe), no saliency
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/runners/config/env.sh"
@@ -26,31 +27,37 @@ for DOMAIN in $RW_DOMAINS; do  # the P-NOC CAMs the walk starts from (1-priors.s
   fi
 done
 
+method_flags=(--method "$RW_METHOD")  # irn: the CAM thresholds below; psa: la/ha CRF score maps
+[[ "$RW_METHOD" == psa ]] && method_flags+=(--alpha_low "$AFF_ALPHA_LOW" --alpha_high "$AFF_ALPHA_HIGH")
 if has_stage affinity-labels; then
   sal_flags=()  # AFF_SALIENCY=false: the IRN / Puzzle-CAM recipe, two CAM thresholds and no saliency stage
+  crf_flags=(--fg_threshold "$AFF_FG" --bg_threshold "$AFF_BG" --crf_t "$AFF_CRF_T" --crf_gt_prob "$AFF_CRF_GT")
+  [[ "$RW_METHOD" == psa ]] && crf_flags=(--crf_t "$AFF_PSA_CRF_T")
   if [[ "$AFF_SALIENCY" == true ]]; then
     require "$(poolnet_of "$AFF_DOMAIN")" runners/2-saliency.sh
     sal_flags=(--sal_dir "$(poolnet_of "$AFF_DOMAIN")")
   fi
   $PY "$REPO/scripts/rw/make_affinity_labels.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$AFF_DOMAIN" \
-    --cams_dir "$(cams_of "$TAG_PNOC" "$AFF_DOMAIN")" "${sal_flags[@]}" \
-    --fg_threshold "$AFF_FG" --bg_threshold "$AFF_BG" --crf_t "$AFF_CRF_T" --crf_gt_prob "$AFF_CRF_GT" \
+    --cams_dir "$(cams_of "$TAG_PNOC" "$AFF_DOMAIN")" "${sal_flags[@]}" "${method_flags[@]}" "${crf_flags[@]}" \
     --output "$AFF_LABELS" --num_workers "$WORKERS_INFER"
 fi
 
 if has_stage affinitynet && ! done_already "$TAG_AFF"; then
   require "$AFF_LABELS" "runners/3-rw.sh with STAGES=affinity-labels"
   $LAUNCH "$REPO/scripts/rw/train_affinity.py" --tag "$TAG_AFF" --dataset "$SOURCE" --data_dir "$DATA_DIR" \
-    --domain "$AFF_DOMAIN" --label_dir "$AFF_LABELS" --architecture "$ARCH_AFF" --backbone_weights "$AFF_WEIGHTS" \
+    --method "$RW_METHOD" --domain "$AFF_DOMAIN" --label_dir "$AFF_LABELS" --architecture "$ARCH_AFF" \
+    --backbone_weights "$AFF_WEIGHTS" \
     --image_size "$IMAGE_SIZE_AFF" --min_image_size "$MIN_SIZE_AFF" --max_image_size "$MAX_SIZE_AFF" \
     --batch_size "$BATCH_AFF" --max_epoch "$EPOCHS_AFF" --lr "$LR_AFF" --optimizer "$OPTIMIZER_AFF" \
     --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_TRAIN" --resume true
 fi
 
+walk_flags=(--image_size "$IMAGE_SIZE_AFF")  # irn pads for the boundary map; psa: its background instead
+[[ "$RW_METHOD" == psa ]] && walk_flags=(--bg_score "$RW_BG")
 for DOMAIN in $RW_DOMAINS; do
   if has_stage rw; then
     $LAUNCH "$REPO/scripts/rw/inference.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$DOMAIN" \
-      --model_name "$TAG_AFF" --architecture "$ARCH_AFF" --image_size "$IMAGE_SIZE_AFF" \
+      --method "$RW_METHOD" --model_name "$TAG_AFF" --architecture "$ARCH_AFF" "${walk_flags[@]}" \
       --cam_dir "$(cams_of "$TAG_PNOC" "$DOMAIN")" --beta "$RW_BETA" --exp_times "$RW_EXP" \
       --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER"
   fi

@@ -3,7 +3,8 @@ checks of a label folder.
 
 An affinity label is a uint8 PNG at the image's size: 0 = confident background, 1..C = confident class, 255 =
 uncertain. Image and label go through the joint training transform (random long side, flip, crop; the crop pads the
-label with 255), then the label is reduced to the stride-4 grid of the edge map by nearest neighbour (IRN).
+label with 255), then the label is reduced to the stride-4 grid of the edge map by nearest neighbour (IRN), or to
+the stride-8 grid of PSA's features.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def reduce_labels(labels: np.ndarray, stride: int = EDGE_STRIDE) -> np.ndarray:
 class AffinityLabelSet(Dataset):
     """Training images with their affinity labels.
 
-    Item: ``id``, ``image`` float32 [3, S, S] and ``labels`` int64 [ceil(S/4), ceil(S/4)] (0, 1..C, 255).
+    Item: ``id``, ``image`` float32 [3, S, S] and ``labels`` int64 [ceil(S/s), ceil(S/s)] (0, 1..C, 255), ``s`` =
+    ``stride`` (4 for IRN's edge map, 8 for PSA's features).
 
     Args:
         source: the images (and the class count the label values are checked against: 0..C, 255).
@@ -106,8 +108,11 @@ class AffinityLabelSet(Dataset):
         transform: joint transform ``(image, uint8 mask) -> (float32 [3, S, S], int64 [S, S])``.
     """
 
-    def __init__(self, source: DataSource, ids: Sequence[str], label_dir: Path, transform: Any) -> None:
+    def __init__(
+        self, source: DataSource, ids: Sequence[str], label_dir: Path, transform: Any, stride: int = EDGE_STRIDE
+    ) -> None:
         self.source, self.ids, self.label_dir, self.transform = source, list(ids), Path(label_dir), transform
+        self.stride = stride
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -116,5 +121,5 @@ class AffinityLabelSet(Dataset):
         image_id = self.ids[index]
         labels = decode_mask_file(label_path(self.label_dir, image_id), self.source.palette, self.source.num_classes)
         image, labels = self.transform(self.source.read_image(image_id), labels)
-        reduced = reduce_labels(labels.astype(np.uint8)).astype(np.int64)
+        reduced = reduce_labels(labels.astype(np.uint8), self.stride).astype(np.int64)
         return {"id": image_id, "image": torch.from_numpy(image), "labels": torch.from_numpy(reduced)}

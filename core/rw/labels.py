@@ -13,6 +13,16 @@ no pair from it).
 
 ``--crf_t`` and ``--crf_gt_prob`` apply in both branches (the reference fixed t=10, gt 0.7 in the first,
 SPEC §13.2.11).
+
+PSA (``--method psa``, METHODS §2, §15, §16.14): two CRF score maps, "low alpha" and "high alpha", each the
+probability CRF (``unary_from_softmax`` of the unnormalised scores ``[(1 - max cams)^alpha, cams]``; Gaussian 3/3,
+bilateral 80/13/10, ``crf_t`` = 10 iterations) of the image; both average-pooled x8 (zero-padded to a multiple of 8)
+before their argmax; a cell is its class where the low-alpha map has one, 255 where the low-alpha map says
+background, 0 where the high-alpha map says background, 255 where it has no score at all (padding). The labels are
+written at full size, each stride-8 cell's label over its 8x8 pixels (the image's own grid), so the label folder
+has the layout of IRN's (sizes checked, evaluated by ``scripts/evaluate.py``) and AffinityNet training samples it at
+stride 8 after its joint resize/crop. The reference pools after the crop, on the crop's grid: same rule, other cell
+boundaries.
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from core import paths
-from core.crf import crf_inference_labels
+from core.crf import crf_inference_labels, crf_inference_probs
 from core.errors import WSSSError
 from core.labels import IGNORE_INDEX, compact_labels, labels_after_crf
 from core.pseudo_masks import PseudoMaskJob
 
 AUTO = "auto"
+DEFAULT_CRF_T = {"irn": 0, "psa": 10}  # irn: the label CRF is off unless asked; psa: its score maps are CRF outputs
+PSA_STRIDE = 8  # the stride-8 cells of PSA's labels
+PSA_CRF = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 80, "bilateral_srgb": 13, "bilateral_compat": 10}
 # USERS §1.9 (ReCAM#15): fg = best CAM threshold + 0.10, bg = best - 0.10.
 AUTO_MARGIN = 0.10
 
@@ -91,6 +104,87 @@ def affinity_labels(
         compact = np.minimum(compact, len(keys))
     fg_labels = np.concatenate([[0], keys])[compact]
     return combine_confident(fg_labels, salient == 0)
+
+
+def psa_scores(hr_cam: np.ndarray, alpha: float, image: np.ndarray | None, crf_t: int = 10) -> np.ndarray:
+    """One of PSA's CRF score maps: ``[(1 - max cams)^alpha, cams]`` refined by the probability CRF (METHODS §15).
+
+    Args:
+        hr_cam: float [n, H, W] in [0, 1], n >= 1.
+        alpha: background power (low 4; high 24 SEAM/PPC or 32 PSA).
+        image: uint8 [H, W, 3] RGB (needed when ``crf_t > 0``).
+        crf_t: mean-field iterations (0: the scores themselves).
+
+    Returns:
+        float32 [n + 1, H, W] >= 0, background first (CRF marginals when ``crf_t > 0``).
+    """
+    hr_cam = np.asarray(hr_cam, dtype=np.float32)
+    scores = np.concatenate([(1 - hr_cam.max(axis=0, keepdims=True)) ** alpha, hr_cam])
+    if crf_t <= 0:
+        return scores
+    if image is None:
+        raise ValueError("the CRF needs the image")
+    return crf_inference_probs(image, scores, t=crf_t, **PSA_CRF)
+
+
+def pool_cells(scores: np.ndarray, stride: int = PSA_STRIDE) -> np.ndarray:
+    """``scores [K, H, W]`` zero-padded at the bottom/right to a multiple of ``stride`` and averaged over each
+    ``stride x stride`` cell: float32 [K, ceil(H/stride), ceil(W/stride)]."""
+    count, height, width = scores.shape
+    rows, cols = -(-height // stride), -(-width // stride)
+    padded = np.zeros((count, rows * stride, cols * stride), dtype=np.float32)
+    padded[:, :height, :width] = scores
+    return padded.reshape(count, rows, stride, cols, stride).mean(axis=(2, 4))
+
+
+def psa_affinity_labels(
+    la_scores: np.ndarray, ha_scores: np.ndarray, keys: np.ndarray, stride: int = PSA_STRIDE
+) -> np.ndarray:
+    """PSA's affinity labels from its two score maps (rule of the module docstring), at full size.
+
+    Args:
+        la_scores, ha_scores: float [n + 1, H, W] >= 0, background first (:func:`psa_scores` at alpha low / high).
+        keys: int [n], label-map ids 1..C of the planes.
+
+    Returns:
+        uint8 [H, W] in {0} U keys U {255}, constant over each ``stride x stride`` cell of the image's grid.
+    """
+    height, width = la_scores.shape[1:]
+    la, ha = pool_cells(la_scores, stride), pool_cells(ha_scores, stride)
+    ids = np.concatenate([[0], np.asarray(keys, dtype=np.int64)])
+    cells = ids[la.argmax(axis=0)]
+    cells[cells == 0] = IGNORE_INDEX  # the low-alpha map (much background) is unsure of its background
+    cells[ha.argmax(axis=0) == 0] = 0  # the high-alpha map (little background) is sure of its background
+    cells[la.sum(axis=0) <= 1e-5] = IGNORE_INDEX  # no score: padding
+    return np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)[:height, :width].astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PsaAffinityLabelJob(PseudoMaskJob):
+    """Settings of a PSA affinity-label run (``--method psa``): the two alphas and the CRF iterations; ids in
+    ``background_only`` get all-zero labels."""
+
+    alpha_low: float = 4.0
+    alpha_high: float = 24.0
+    crf_t: int = 10
+
+    def label_map(self, image_id: str) -> np.ndarray:
+        """The PSA affinity labels of one id: uint8 [H, W], values in {0, keys, 255}."""
+        zeros = self.background_mask(image_id)
+        if zeros is not None:
+            return zeros
+        image = self.source.read_image(image_id) if self.crf_t > 0 else None
+        size = image.shape[:2] if image is not None else self.source.image_size(image_id)
+        cams = self.read_cams(image_id, size)
+        if not len(cams.keys):
+            return np.zeros(cams.size, dtype=np.uint8)
+        la, ha = (psa_scores(cams.hr_cam, alpha, image, self.crf_t) for alpha in (self.alpha_low, self.alpha_high))
+        return psa_affinity_labels(la, ha, cams.keys)
+
+
+def psa_labels_dir(tag: str, alpha_low: float, alpha_high: float) -> Path:
+    """``experiments/predictions/<tag>@aff_la=<low:g>_ha=<high:g>`` (PSA's labels, named like IRN's)."""
+    return paths.PREDICTIONS_DIR / f"{paths.check_tag(tag)}@aff_la={alpha_low:g}_ha={alpha_high:g}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""AffinityNet's loss (SPEC §9.2, METHODS §3): pairs within a radius on the stride-4 grid should have affinity 1 when
-their labels agree and 0 when they differ, where affinity is ``1 - max(boundary on the path between them)``.
+"""AffinityNet's loss (SPEC §9.2, METHODS §2, §3): pairs within a radius should have affinity 1 when their labels agree
+and 0 when they differ. IRN (``--method irn``): pairs closer than 10 cells of the stride-4 grid, affinity ``1 -
+max(boundary on the path between them)`` (:func:`core.rw.paths.edge_to_affinity`). PSA (``--method psa``): pairs
+closer than 5 cells of the stride-8 grid, affinity ``exp(-mean_k |f_ik - f_jk|)`` of the network's features
+(:func:`core.rw.paths.feature_affinity`). Both use the same pairs layout, targets and terms.
 
-With ``a`` the affinities of :func:`core.rw.paths.edge_to_affinity` and the pair targets of
-:func:`core.rw.paths.affinity_targets`::
+With ``a`` the affinities and the pair targets of :func:`core.rw.paths.affinity_targets`::
 
     L_bg  = Σ bg_pos · -log(a + ε)      / (Σ bg_pos + ε)
     L_fg  = Σ fg_pos · -log(a + ε)      / (Σ fg_pos + ε)
@@ -18,9 +20,10 @@ from __future__ import annotations
 import torch
 
 from core.labels import IGNORE_INDEX
-from core.rw.paths import affinity_targets, edge_to_affinity, path_index
+from core.rw.paths import PathIndex, affinity_targets, edge_to_affinity, feature_affinity, path_index
 
 TRAIN_RADIUS = 10  # pairs closer than 10 cells of the stride-4 grid (SPEC §9.2)
+PSA_RADIUS = 5  # pairs closer than 5 cells of the stride-8 grid (PSA, METHODS §2)
 EPS = 1e-5
 TERMS = ("bg", "fg", "neg")
 
@@ -42,6 +45,23 @@ def pair_loss_sums(
     """
     index = path_index(radius, tuple(edge_logits.shape[-2:]))
     affinity = edge_to_affinity(torch.sigmoid(edge_logits.float()), index)  # [B, n_directions, n_src]
+    return affinity_loss_sums(affinity, labels, index, ignore_index)
+
+
+def feature_pair_loss_sums(
+    features: torch.Tensor, labels: torch.Tensor, radius: int = PSA_RADIUS, ignore_index: int = IGNORE_INDEX
+) -> dict[str, torch.Tensor]:
+    """:func:`pair_loss_sums` of PSA: the affinities of ``features`` (float [B, D, h, w], the PSA AffinityNet's
+    stride-8 output) against ``labels`` (integer [B, h, w]) for pairs closer than ``radius`` cells."""
+    index = path_index(radius, tuple(features.shape[-2:]))
+    return affinity_loss_sums(feature_affinity(features.float(), index), labels, index, ignore_index)
+
+
+def affinity_loss_sums(
+    affinity: torch.Tensor, labels: torch.Tensor, index: PathIndex, ignore_index: int = IGNORE_INDEX
+) -> dict[str, torch.Tensor]:
+    """The sums and counts of :func:`pair_loss_sums` from affinities ``[B, n_directions, n_src]`` in [0, 1] of the
+    pairs of ``index`` and the label map ``[B, h, w]`` on ``index``'s grid."""
     bg_pos, fg_pos, neg = affinity_targets(labels, index, ignore_index)
     pos_loss = -torch.log(affinity + EPS)
     neg_loss = -torch.log(1 + EPS - affinity)

@@ -214,6 +214,13 @@ def load_affinity_weights(
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "(in-memory state dict)"
     raw = read_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
     state_dict = normalize_affinity_keys(unwrap_state_dict(raw, name))
+    if ("f9.weight" in state_dict or "f8_5.weight" in state_dict) and not any(
+        k.startswith("fc_edge") for k in state_dict
+    ):
+        raise WSSSError(
+            f"{flag} {name} holds a PSA AffinityNet (features f8_*/f9), not an IRN one; pass --method psa, or "
+            "weights of scripts/rw/train_affinity.py --method irn"
+        )
     if not any(key.startswith("fc_edge") for key in state_dict):
         raise WSSSError(
             f"{flag} {name} holds a {describe_state_dict(state_dict)}, not an AffinityNet (no fc_edge* keys); pass "

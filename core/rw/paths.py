@@ -186,3 +186,29 @@ def affinity_targets(
     valid = (src != ignore_index) & (dst != ignore_index)
     equal = valid & (src == dst)
     return (equal & (src == 0)).float(), (equal & (src > 0)).float(), (valid & (src != dst)).float()
+
+
+def feature_affinity(features: torch.Tensor, index: PathIndex) -> torch.Tensor:
+    """PSA's affinity of every (direction, source) pair: ``exp(-mean_k |f_src,k - f_dst,k|)`` (METHODS §2).
+
+    The pairs are those of ``index`` (half the disc, sources on the cropped grid), the same layout as
+    :func:`edge_to_affinity`, so :func:`affinity_targets` and the loss apply unchanged.
+
+    Args:
+        features: float ``[B, D, h, w]`` pixel features, ``(h, w) = index.size``.
+        index: the pairs (e.g. ``path_index(5, (h, w))``).
+
+    Returns:
+        ``[B, n_directions, n_src]`` in ``(0, 1]`` (1 for identical features), the dtype and device of
+        ``features``; differentiable.
+    """
+    if features.dim() != 4 or tuple(features.shape[2:]) != index.size:
+        raise ValueError(f"features must be [B, D, {index.size[0]}, {index.size[1]}], got {list(features.shape)}")
+    rows, cols = index.cropped_size
+    margin = index.margin
+    sources = features[:, :, :rows, margin : margin + cols]
+    affinities = [
+        torch.exp(-(features[:, :, dy : dy + rows, margin + dx : margin + dx + cols] - sources).abs().mean(dim=1))
+        for dy, dx in index.directions.tolist()
+    ]  # one [B, rows, cols] per direction: memory of one difference map at a time, plus what backward keeps
+    return torch.stack(affinities, dim=1).flatten(2)

@@ -2,6 +2,23 @@
 # them, the random walk of the CAMs, pseudo masks. Source after saliency.sh, before tags.sh (runners/config/pipeline.sh).
 # AFF_DOMAIN: the images AffinityNet learns from (the saliency stage's domain: its maps exist there).
 # RW_DOMAINS: where the walk runs; PSEUDO_DOMAINS: the pseudo masks the segmentation stage trains on, in one folder.
+# RW_METHOD=psa: PSA's AffinityNet as SEAM/PPC run it (METHODS §2): la/ha CRF score maps at alpha 4/24 (PSA: 32),
+# the feature AffinityNet trained whole (lr 0.01, batch 8, 8 epochs, crop 448 after a longer side of 448-768), the
+# walk with beta 8 and 2^6 steps (PSA: 2^8) and PPC's constant background 0.27; pseudo masks at 0.5, where a class
+# beats the walked background (PSA's argmax). Its affinity labels need no saliency stage. Set before the dataset
+# recipes below, so these take the place of IRN's defaults and any variable stays overridable.
+RW_METHOD=${RW_METHOD:-irn}
+if [[ "$RW_METHOD" == psa ]]; then
+  AFF_ALPHA_LOW=${AFF_ALPHA_LOW:-4}; AFF_ALPHA_HIGH=${AFF_ALPHA_HIGH:-24}; AFF_PSA_CRF_T=${AFF_PSA_CRF_T:-10}
+  RW_BG=${RW_BG:-0.27}; RW_BETA=${RW_BETA:-8}; PSEUDO_T=${PSEUDO_T:-0.5}; AFF_SALIENCY=false
+  LR_AFF=${LR_AFF:-0.01}  # the whole network trains (IRN's recipe trains a head on a frozen backbone)
+  if [[ "$DATASET" != synthetic ]]; then
+    RW_EXP=${RW_EXP:-6}; EPOCHS_AFF=${EPOCHS_AFF:-8}; BATCH_AFF=${BATCH_AFF:-8}
+    IMAGE_SIZE_AFF=${IMAGE_SIZE_AFF:-448}; MIN_SIZE_AFF=${MIN_SIZE_AFF:-448}; MAX_SIZE_AFF=${MAX_SIZE_AFF:-768}
+  fi
+elif [[ "$RW_METHOD" != irn ]]; then
+  echo "error: unknown RW_METHOD=$RW_METHOD (choose irn or psa)" >&2; exit 2
+fi
 AFF_DOMAIN=${AFF_DOMAIN:-$SAL_DOMAIN}
 AFF_FG=${AFF_FG:-0.40}; AFF_BG=${AFF_BG:-0.10}; AFF_CRF_T=${AFF_CRF_T:-10}; AFF_CRF_GT=${AFF_CRF_GT:-0.7}
 AFF_SALIENCY=${AFF_SALIENCY:-true}  # false: affinity labels from two CAM thresholds only (IRN / Puzzle-CAM)

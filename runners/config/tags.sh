@@ -8,9 +8,12 @@ TAG_PNOC=${TAG_PNOC:-pnoc/$DATASET-$ARCH-pnoc-b$BATCH_PNOC-a$PUZZLE_ALPHA-lr$LR-
 TAG_CCAMH=${TAG_CCAMH:-ccamh/$DATASET-${ARCH_SAL:-$ARCH}-fg${FG_T:-0.4}@pnoc-$EID}
 TAG_PN=${TAG_PN:-poolnet/$DATASET-${ARCH_PN:-resnet50}@ccamh-$EID}
 aff_inputs=pnoc+poolnet; [[ "${AFF_SALIENCY:-true}" == true ]] || aff_inputs=pnoc
+[[ "${RW_METHOD:-irn}" == irn ]] || aff_inputs=pnoc-$RW_METHOD  # PSA's AffinityNet on the P-NOC CAMs
 TAG_AFF=${TAG_AFF:-affnet/$DATASET-${ARCH_AFF:-$ARCH}@$aff_inputs-$EID}  # AffinityNet; its RW maps carry its name
 # DeepLabV3+ trains on LABEL_NAME (a folder under experiments/predictions/, or gt); its tag names that source.
-PSEUDO_MASKS=$TAG_AFF@beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}@rw@t=${PSEUDO_T:-0.3}@crf=${PSEUDO_CRF_T:-1}
+rw_walk=beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}  # scripts/rw/inference.py's folder naming
+[[ "${RW_METHOD:-irn}" == psa ]] && rw_walk=beta=$RW_BETA@logt=$RW_EXP@bg=$RW_BG
+PSEUDO_MASKS=$TAG_AFF@$rw_walk@rw@t=${PSEUDO_T:-0.3}@crf=${PSEUDO_CRF_T:-1}
 LABEL_NAME=${LABEL_NAME:-$PSEUDO_MASKS}
 label_id=${LABEL_NAME//\//_}
 TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-${ARCH_SEG:-$ARCH}@${label_id%%@*}-$EID}
@@ -21,7 +24,8 @@ cams_of() { echo "experiments/predictions/$1@$2@scale=$SCALES"; }  # cams_of TAG
 poolnet_of() { echo "experiments/predictions/$TAG_PN@$1"; }         # poolnet_of DOMAIN
 AFF_LABELS=experiments/predictions/$TAG_PNOC@aff_fg=${AFF_FG:-0.40}_bg=${AFF_BG:-0.10}
 [[ "${AFF_SALIENCY:-true}" == true ]] || AFF_LABELS=$AFF_LABELS@cams_only
-rw_of() { echo "experiments/predictions/$TAG_AFF@$1@beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}@rw"; }  # rw_of DOMAIN
+[[ "${RW_METHOD:-irn}" == psa ]] && AFF_LABELS=experiments/predictions/$TAG_PNOC@aff_la=${AFF_ALPHA_LOW}_ha=${AFF_ALPHA_HIGH}
+rw_of() { echo "experiments/predictions/$TAG_AFF@$1@$rw_walk@rw"; }  # rw_of DOMAIN
 seg_pred() {  # seg_pred DOMAIN: the inference folder of TAG_SEG on DOMAIN (scripts/segmentation/inference.py's name)
   local crf=""; (( SEG_CRF_T > 0 )) && crf="@crf=$SEG_CRF_T"
   [[ "$SEG_CRF_GT" == 1 || "$SEG_CRF_T" == 0 ]] || crf="$crf@gt=$SEG_CRF_GT"

@@ -10,49 +10,59 @@ foreground class have no CAM file (CAM inference's default) and get none here, c
 keys gives an empty RW file. Finished files are skipped (resumable); under torchrun each process takes
 ``ids[rank::world_size]``.
 
+--method psa (PSA / SEAM / PPC, METHODS §2): the PSA AffinityNet's stride-8 features, affinities exp(-mean|f_i -
+f_j|) within radius 5, A^beta (--beta 8) column-normalised, 2^logt steps (--logt 6 SEAM/PPC, 8 PSA) through the same
+sparse walk, seeds [bg, cams] pooled x8 with bg = --bg_score (0.27, PPC) or (1 - max cams)^--bg_alpha (PSA 16, SEAM
+6); bilinear x8; each class is written against the walked background, rw_c / (rw_c + rw_bg), so threshold 0.5 is
+PSA's argmax (make_pseudo_labels.py --threshold 0.5).
+
 Reads:  experiments/models/<model_name>.pth (scripts/rw/train_affinity.py), the CAM folder
         experiments/predictions/<cam_dir>/<id>.npz (legacy <id>.npy with --allow_pickle), the images of --domain
-Writes: experiments/predictions/<model_name>@<domain>@beta=<beta>@exp_times=<exp_times>@rw/<id>.npz, with args.json,
-        log.txt and manifest.json (weights, CAM folder, flags, counts)
+Writes: experiments/predictions/<model_name>@<domain>@beta=<beta>@exp_times=<exp_times>@rw/<id>.npz (psa:
+        ...@beta=<beta>@logt=<logt>@bg=<bg_score>@rw or @bg_alpha=<alpha>@rw), with args.json, log.txt and
+        manifest.json (weights, CAM folder, flags, counts)
 Example:
     python scripts/rw/inference.py --dataset voc12 --data_dir $WSSS_DATA_DIR --domain train \\
         --model_name rw/voc12-rs269-affnet --cam_dir "pnoc/voc12-rs269-pnoc@train@scale=0.5,1.0,1.5,2.0" \\
         --beta 10 --exp_times 8
     torchrun --nproc_per_node=4 scripts/rw/inference.py ...
+    python scripts/rw/inference.py --method psa --model_name rw/voc12-psa --cam_dir ... --logt 6 --bg_score 0.27
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from core import cli, distributed, inference, manifest, paths, runtime
-from core.artifacts import CAM_SUFFIX, cam_path, check_writable, load_cam, save_cam, strided_size
+from core.artifacts import CAM_SUFFIX, check_writable
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.multiscale import imagenet_normalize
-from core.precision import ComputeFormat, compute_format, log_compute_format
-from core.rw.network import AffinityNet, load_affinity_net
+from core.precision import compute_format, log_compute_format
+from core.rw.propagation import Timer, load_network, make_rw_writer
+from core.rw.recipes import MethodDefaultsParser, add_method_arg
 from core.rw.training import ARCHITECTURES
-from core.rw.walk import NORMALIZATIONS, check_walk_params, random_walk, rw_maps
+from core.rw.walk import NORMALIZATIONS, PSA_BG_SCORE, check_walk_params
 
 logger = logging.getLogger(__name__)
 
-OOM_HINT = "--device cpu (the walk itself needs little memory) or a smaller --image_size"
+METHOD_DEFAULTS = {
+    "irn": {"beta": 10.0, "exp_times": 8, "image_size": 512, "dilated": False},
+    "psa": {"beta": 8.0, "exp_times": 6, "dilated": True},
+}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("rw_inference", description=__doc__.splitlines()[0], add_help=add_help)
+    parser = MethodDefaultsParser(
+        "rw_inference", description=__doc__.splitlines()[0], add_help=add_help, method_defaults=METHOD_DEFAULTS
+    )
     cli.add_dataset_args(parser, domain="train")
     group = parser.add_argument_group("affinity network")
+    add_method_arg(group, "the AffinityNet of --model_name: irn (boundaries, P-NOC) or psa (features, PSA/SEAM/PPC)")
     cli.add_arg(
         group,
         "--model_name",
@@ -69,14 +79,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="backbone of the AffinityNet (default: read from the weights)",
     )
     cli.add_arg(group, "--mode", type=str, default="fix", choices=("normal", "fix"), help="BatchNorm mode as trained")
-    cli.add_bool_arg(group, "--dilated", False, "output stride 8 instead of 16 (as trained)")
+    cli.add_bool_arg(group, "--dilated", None, "output stride 8 instead of 16 (as trained)")
     cli.add_bool_arg(group, "--trust_checkpoint", False, "allow full unpickling of legacy .pth files (trusted only)")
     cli.add_arg(
         group,
         "--image_size",
         type=cli.positive_int,
-        default=512,
-        help="images are zero-padded up to this size for the boundary map, as in training (default 512)",
+        default=None,
+        help="irn: images are zero-padded up to this size for the boundary map, as in training",
     )
     group = parser.add_argument_group("random walk")
     cli.add_arg(
@@ -87,8 +97,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="CAM folder: experiments/predictions/<cam_dir> (scripts/cam/inference.py), or a folder path",
     )
     cli.add_bool_arg(group, "--allow_pickle", False, "read legacy pickled .npy CAM files (trusted files only)")
-    cli.add_arg(group, "--beta", type=float, default=10.0, help="affinity exponent, in (0, 100] (default 10)")
-    cli.add_arg(group, "--exp_times", type=int, default=8, help="the walk takes 2^exp_times steps, 0..12 (default 8)")
+    cli.add_arg(group, "--beta", type=float, default=None, help="affinity exponent, in (0, 100]")
+    cli.add_arg(
+        group, "--exp_times", "--logt", type=int, default=None, help="the walk takes 2^exp_times steps, 0..12 (PSA 8)"
+    )
+    cli.add_arg(
+        group, "--bg_score", type=cli.unit_float, default=PSA_BG_SCORE, help="psa: constant background (PPC 0.27)"
+    )
+    cli.add_arg(
+        group,
+        "--bg_alpha",
+        type=cli.optional_float,
+        default=None,
+        help="psa: background (1 - max cams)^bg_alpha instead of --bg_score (PSA 16, SEAM 6; none = off)",
+    )
     cli.add_arg(
         group,
         "--rw_normalize",
@@ -105,6 +127,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_bool_arg(group, "--mixed_precision", False, "autocast the AffinityNet forward (the walk stays float32)")
     cli.add_arg(group, "--num_workers", type=int, default=2, help="image-decoding worker processes per process")
+    parser.describe_defaults()
     return parser
 
 
@@ -125,11 +148,19 @@ def output_dir(args: argparse.Namespace) -> Path:
         return Path(args.pred_dir)
     name = Path(args.model_name).stem if args.model_name.endswith(".pth") else args.model_name
     suffix = "" if args.rw_normalize == "global" else f"@{args.rw_normalize}"
-    domain = paths.domain_name(args.domain)
-    return (
-        paths.PREDICTIONS_DIR
-        / f"{paths.check_tag(name)}@{domain}@beta={args.beta:g}@exp_times={args.exp_times}@rw{suffix}"
-    )
+    walk = f"beta={args.beta:g}@exp_times={args.exp_times}"
+    if args.method == "psa":
+        background = f"bg={args.bg_score:g}" if args.bg_alpha is None else f"bg_alpha={args.bg_alpha:g}"
+        walk = f"beta={args.beta:g}@logt={args.exp_times}@{background}"
+    return paths.PREDICTIONS_DIR / f"{paths.check_tag(name)}@{paths.domain_name(args.domain)}@{walk}@rw{suffix}"
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    check_walk_params(args.beta, args.exp_times, args.method)
+    if args.method == "psa" and args.rw_normalize != "global":
+        raise WSSSError("--rw_normalize applies to --method irn; psa writes each class against the walked background")
+    if args.method == "psa" and args.bg_alpha is not None and args.bg_alpha <= 0:
+        raise WSSSError(f"--bg_alpha {args.bg_alpha:g} must be positive (PSA 16, SEAM 6), or none for --bg_score")
 
 
 def check_cam_folder(args: argparse.Namespace, job: inference.CamFolderJob, ids: list[str]) -> None:
@@ -146,63 +177,8 @@ def check_cam_folder(args: argparse.Namespace, job: inference.CamFolderJob, ids:
     )
 
 
-def edge_size(size: tuple[int, int]) -> tuple[int, int]:
-    return strided_size(*size)
-
-
-def stride4_cams(hr_cam: np.ndarray, cam: np.ndarray | None, device: torch.device) -> torch.Tensor:
-    """The CAM file's stride-4 ``cam``, else its ``hr_cam`` bilinearly resized to the stride-4 grid: ``[n, h, w]``."""
-    if cam is not None:
-        return torch.from_numpy(cam).to(device)
-    size = strided_size(*hr_cam.shape[1:])
-    return F.interpolate(torch.from_numpy(hr_cam)[None].to(device), size, mode="bilinear", align_corners=False)[0]
-
-
-class Timer:
-    """Seconds spent per step, summed over the images of this process (for the log)."""
-
-    def __init__(self) -> None:
-        self.seconds = {"edge": 0.0, "walk": 0.0}
-        self.images = 0
-
-    def per_image(self) -> str:
-        count = max(self.images, 1)
-        return ", ".join(f"{name} {total / count:.3f} s" for name, total in self.seconds.items())
-
-
-def make_rw_writer(
-    args: argparse.Namespace, model: AffinityNet, job: inference.CamFolderJob, fmt: ComputeFormat, timer: Timer
-) -> Callable[[dict[str, Any]], None]:
-    """The per-image step of :func:`core.inference.run_over_images`: boundary map, walk, ``<id>.npz``."""
-    device = next(model.parameters()).device
-
-    def write(item: dict[str, Any]) -> None:
-        image_id, image = item["id"], item["image"]
-        size = image.shape[:2]
-        cams = load_cam(
-            job.cam_file(image_id), job.allow_pickle, size=size, num_classes=job.source.num_classes,
-            size_of=f"image {image_id}",
-        )  # fmt: skip
-        if not len(cams.keys):  # a CAM file without classes: nothing to walk
-            save_cam(cam_path(job.out_dir, image_id), cams.keys, *rw_maps(torch.zeros(0, *edge_size(size)), size))
-            return
-        start = time.perf_counter()
-        with inference.stop_on_oom(image_id, size, OOM_HINT), fmt.autocast():
-            edge = model.edge_map(torch.from_numpy(imagenet_normalize(image)).to(device), pad_size=args.image_size)
-        middle = time.perf_counter()
-        with inference.stop_on_oom(image_id, size, OOM_HINT):
-            walked = random_walk(stride4_cams(cams.hr_cam, cams.cam, device), edge, args.beta, args.exp_times)
-        cam, hr_cam = rw_maps(walked, size, args.rw_normalize)
-        save_cam(cam_path(job.out_dir, image_id), cams.keys, cam, hr_cam)
-        timer.seconds["edge"] += middle - start
-        timer.seconds["walk"] += time.perf_counter() - middle
-        timer.images += 1
-
-    return write
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    check_walk_params(args.beta, args.exp_times)
+    check_flags(args)
     source = source_from_args(args)
     cams, out_dir = cam_dir(args), output_dir(args)
     check_writable(out_dir, "--pred_dir", folder=True)
@@ -215,24 +191,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.model_name, f"train it first (python scripts/rw/train_affinity.py --tag {args.model_name})"
     )
     inputs = {"weights": manifest.file_fingerprint(weights), "cams": manifest.folder_fingerprint(cams)}
+    model = load_network(args, weights, "cpu")  # before the output folder exists: weights of the other --method stop
     with runtime.stage_run(
         args, "rw", __file__, out_dir, inputs, runtime.data_context(args), outputs=out_dir.glob(f"*{CAM_SUFFIX}"),
         device=args.device,
     ) as run:  # fmt: skip
         fmt = compute_format(bool(args.mixed_precision), run.device, channels_last=False)
-        log_compute_format(fmt, "AffinityNet boundary maps")
-        model = load_affinity_net(
-            weights, args.architecture, mode=args.mode, dilated=args.dilated, trusted=args.trust_checkpoint,
-            device=run.device, flag="--model_name",
-        )  # fmt: skip
+        log_compute_format(fmt, "PSA AffinityNet features" if args.method == "psa" else "AffinityNet boundary maps")
+        model.to(run.device)
         skipped = len(source.ids) - len(ids)
         logger.info(
-            "random walk (beta %g, 2^%d steps, %s normalisation) of %d of %d images of %s from %s -> %s; "
+            "%s random walk (beta %g, 2^%d steps) of %d of %d images of %s from %s -> %s; "
             "%d background-only images have no CAM file and get no RW file",
-            args.beta, args.exp_times, args.rw_normalize, len(ids), len(source.ids), args.domain, cams, out_dir,
-            skipped,
+            args.method, args.beta, args.exp_times, len(ids), len(source.ids), args.domain, cams, out_dir, skipped,
         )  # fmt: skip
-        timer = Timer()
+        timer = Timer("features" if args.method == "psa" else "edge")
         writer = make_rw_writer(args, model, job, fmt, timer)
         summary = inference.run_over_images(
             source, ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="rw"
