@@ -15,14 +15,21 @@ from typing import Any
 import torch
 
 from core import engine, manifest, runtime
-from core.cam import methods, validation
+from core.cam import methods, seam, validation
 from core.cam.occse import LabelSplitter
 from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list, positive_int
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform
 from core.engine import TrainContext, ValidateFn, build_loader
 from core.errors import WSSSError
-from core.models import BACKBONES, Classifier, load_classifier_weights
+from core.models import (
+    BACKBONES,
+    Classifier,
+    load_classifier_weights,
+    normalize_state_dict_keys,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from core.models.initialization import DEFAULT_SCRATCH_INIT, add_scratch_init_arg
 from core.optim import PolyLR, build_optimizer, build_param_groups
 from core.runtime import Run
@@ -173,8 +180,13 @@ def trained_classifier(
 ) -> Classifier:
     """The classifier of the network flags with the weights of ``path`` (named by ``--weights`` in errors;
     ``--trust_checkpoint``), on ``device``, in eval mode: what the inference-like scripts run."""
-    model = classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
+    state = normalize_state_dict_keys(
+        unwrap_state_dict(read_checkpoint(path, trusted=args.trust_checkpoint), str(path))
+    )
+    # A SEAM checkpoint (ours or a released SEAM/PPC ResNet-38 file) brings its PCM: its CAMs are the PCM maps.
+    model = seam.seam_classifier(args, num_classes) if seam.is_seam_state_dict(state) else None
+    model = model or classifier_from_flags(args, num_classes)
+    load_classifier_weights(model, state, weights_flag="--weights", source_name=str(path))
     return model.to(device).eval()
 
 
