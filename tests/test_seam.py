@@ -206,3 +206,16 @@ def test_train_seam_then_inference_writes_pcm_cams(synthetic_voc, tmp_path):
     cams = load_cam(next(out_dir.glob("*.npz")))
     assert cams.hr_cam.shape[1:] == (64, 64) and 0 <= cams.hr_cam.min() and cams.hr_cam.max() <= 1
     assert len(cams.keys) == len(cams.hr_cam) > 0
+
+
+def test_train_seam_with_backbone_weights_of_another_layout_stops_in_one_line(synthetic_voc, tmp_path):
+    torch.save(Classifier("resnet18", 20).state_dict(), tmp_path / "r18.pth")
+    args = train_seam.get_args_parser().parse_args([
+        "--tag", "seam/bad", "--data_dir", str(synthetic_voc), "--domain_train", "train",
+        "--architecture", "test_resnet38", "--backbone_weights", str(tmp_path / "r18.pth"), "--image_size", "32",
+        "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+    ])  # fmt: skip
+    with pytest.raises(WSSSError, match="resnet18-like.*does not fit test_resnet38") as info:
+        train_seam.main(args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "experiments" / "models" / "seam" / "bad.pth").exists()

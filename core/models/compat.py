@@ -262,7 +262,8 @@ def with_batch_counters(
     0.4.1 or converted from MXNet (the ResNet-38 references') load strictly; the counters affect no output."""
     filled = dict(given)
     for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in filled:
+        layer = key.removesuffix("num_batches_tracked")
+        if layer != key and key not in filled and f"{layer}running_mean" in filled:
             filled[key] = torch.zeros_like(value, device="cpu")
     return filled
 
