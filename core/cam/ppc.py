@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,7 @@ from torch import nn
 
 from core.cli import add_arg, add_bool_arg, float_list, open_unit_float, positive_float, positive_int, unit_float
 from core.errors import WSSSError
+from core.models import Classifier, group_parameters
 
 NORM_EPS = 1e-5
 SKIP_MOST_SIMILAR = 3  # semi-hard mining: the 3 most similar prototypes are skipped ...
@@ -65,6 +67,43 @@ class ProjectionHead(nn.Module):
         return F.relu(self.conv(features))
 
 
+class PPCClassifier(Classifier):
+    """The CAM classifier plus PPC's projection head on its last features (training only).
+
+    State-dict keys: :class:`~core.models.Classifier`'s plus ``projection.conv.weight`` ``[dim, D, 1, 1]``; a plain
+    classifier loading these weights (CAM inference, ``--restore``) drops the head (``AUXILIARY_HEADS``).
+
+    Args:
+        ppc_dim: embedding channels; None builds no head (a subclass used with PPC off, e.g. EPS).
+        architecture, num_classes, **kwargs: as :class:`~core.models.Classifier`.
+    """
+
+    def __init__(self, architecture: str, num_classes: int = 20, *, ppc_dim: int | None = 128, **kwargs) -> None:
+        super().__init__(architecture, num_classes, **kwargs)
+        self.projection = ProjectionHead(self.backbone.out_channels, ppc_dim) if ppc_dim else None
+
+    def class_logits(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits float [B, C] from the raw maps (their spatial means)."""
+        return maps.mean(dim=(2, 3))
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, with_cam: bool = False, with_embedding: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """As :meth:`Classifier.forward`; ``with_embedding`` returns (logits, maps, embeddings float [B, dim, h, w])."""
+        if not with_embedding:
+            return super().forward(x, with_cam)
+        if self.projection is None:
+            raise ValueError("this network was built without a projection head (ppc_dim=None)")
+        features = self.backbone(x)[-1]
+        maps = self.classifier(features)
+        return self.class_logits(maps), maps, self.projection(features)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """As :meth:`Classifier.param_groups`, with the projection head among the scratch parameters."""
+        heads = [self.classifier] + ([self.projection] if self.projection is not None else [])
+        return group_parameters(pretrained=[self.backbone], scratch=heads)
+
+
 # -- flags ----------------------------------------------------------------------------------------------------------
 def add_ppc_args(
     parser: argparse.ArgumentParser, bg: float = 0.20, topk: float = 1 / 8, view_size: int = 128
@@ -79,13 +118,13 @@ def add_ppc_args(
         "torchrun, prototypes come from the GLOBAL batch: each process all-gathers its top-k candidates, so the "
         "result does not depend on the number of processes",
     )
-    add_arg(group, "--ppc_bg", type=unit_float, default=bg, help=f"constant background score θ (default {bg})")
+    add_arg(group, "--ppc_bg", type=unit_float, default=bg, help="constant background score θ (default %(default)s)")
     add_arg(
         group,
         "--ppc_topk",
         type=open_unit_float,
         default=topk,
-        help=f"prototype top-k as a fraction of one image's feature grid, over the whole batch (default {topk:g})",
+        help="prototype top-k as a fraction of one image's feature grid, over the whole batch (default %(default).4g)",
     )
     add_arg(group, "--ppc_tau", type=positive_float, default=0.1, help="temperature τ of the contrast (default 0.1)")
     add_arg(
@@ -100,7 +139,7 @@ def add_ppc_args(
         "--ppc_view_size",
         type=positive_int,
         default=view_size,
-        help=f"side of the second view, the batch resized bilinearly (default {view_size})",
+        help="side of the second view, the batch resized bilinearly (default %(default)s)",
     )
     add_arg(group, "--ppc_dim", type=positive_int, default=128, help="embedding channels of the projection head")
     return group
@@ -348,3 +387,50 @@ def ppc_loss(
     loss = w_cp * cross_proto + w_cc * cross_cam + w_intra * intra
     terms = dict(zip(TERMS, (cross_proto.detach(), cross_cam.detach(), intra.detach()), strict=True))
     return loss, terms
+
+
+# -- wiring into a method's step ------------------------------------------------------------------------------------
+def second_view(images: torch.Tensor, size: int) -> torch.Tensor:
+    """PPC's second view: the batch float [B, 3, H, W] resized bilinearly to a fixed ``size x size``."""
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def background_first(maps: torch.Tensor, background_last: bool = False) -> torch.Tensor:
+    """Maps in :func:`ppc_loss`'s layout [B, 1 + C, h, w]: EPS's last channel moved first (``background_last``), or a
+    zero background slot in front of the C class maps of a method without one (PPC replaces it by θ anyway)."""
+    if background_last:
+        return torch.cat([maps[:, -1:], maps[:, :-1]], dim=1)
+    return torch.cat([torch.zeros_like(maps[:, :1]), maps], dim=1)
+
+
+def config_kwargs(config: PPCConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`ppc_loss` from a :class:`PPCConfig`."""
+    return {
+        "bg_score": config.bg_score,
+        "topk_fraction": config.topk_fraction,
+        "tau": config.tau,
+        "weights": config.weights,
+    }
+
+
+def generator_ppc_term(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    config: PPCConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPC for a CAM generator without a background map (vanilla, Puzzle, OC-CSE, P-OC, P-NOC).
+
+    Runs the second view through ``model`` (a :class:`PPCClassifier`, DDP-wrapped or not) and contrasts it with the
+    first; the method's own terms stay on view 1.
+
+    Args:
+        images: float [B, 3, H, W], view 1; maps: its raw class maps float [B, C, h, w]; embeddings: its raw
+            projected features float [B, dim, h, w]; labels: float [B, C] multi-hot.
+    """
+    _, maps2, embeddings2 = model(second_view(images, config.view_size), with_cam=True, with_embedding=True)
+    return ppc_loss(
+        embeddings, embeddings2, background_first(maps), background_first(maps2), labels, **config_kwargs(config)
+    )

@@ -53,9 +53,9 @@ CLASS_HEADS: dict[str, tuple[str, str]] = {
 }
 
 _WRAPPER_KEYS = ("state_dict", "model")
-# Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head): the
-# CAMs come from ``classifier.weight``, so inference and --restore take the two-head weights as they are.
-AUXILIARY_HEADS = ("sub_classifier.",)
+# Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head, PPC's
+# projection head): the CAMs come from ``classifier.weight``, so inference and --restore take those weights as they are.
+AUXILIARY_HEADS = ("sub_classifier.", "projection.")
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
 _STAGE_TO_NATIVE = (
     (re.compile(r"^stage1\.0\."), "backbone.conv1."),
