@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.artifacts import load_cam
-from core.cam import seam
+from core.cam import seam, training
 from core.cam.seam import PixelCorrelationModule, SeamClassifier, SeamOutputs
 from core.errors import WSSSError
 from core.models import Classifier, build_backbone, load_classifier_weights
@@ -82,6 +82,13 @@ def test_released_seam_ppc_and_psa_layouts_load(tmp_path):
     load_classifier_weights(loaded, tmp_path / "ppc.pth")  # the projection head is training-only: dropped
     for key, value in seam_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+    # CAM inference recognises the released SEAM/PPC file by its PCM and runs its PCM maps.
+    flags = ["--tag", "ppc", "--architecture", "test_resnet38", "--mode", "fix"]
+    network = training.trained_classifier(
+        inference.get_args_parser().parse_args(flags), 20, tmp_path / "ppc.pth", "cpu"
+    )
+    assert isinstance(network, SeamClassifier) and network.projection is None and not network.training
 
     psa_model = Classifier("test_resnet38", 20, mode="fix")
     torch.save(reference_layout(psa_model), tmp_path / "psa.pth")
@@ -181,21 +188,27 @@ def test_inference_forward_returns_the_pcm_maps():
 
 
 # -- scripts --------------------------------------------------------------------------------------------------------
-def test_train_seam_then_inference_writes_pcm_cams(synthetic_voc, tmp_path):
+@pytest.mark.parametrize("with_ppc", [False, True])
+def test_train_seam_then_inference_writes_pcm_cams(with_ppc, synthetic_voc, tmp_path):
     args = train_seam.get_args_parser().parse_args([
         "--tag", "seam/r18", "--data_dir", str(synthetic_voc), "--domain_train", "train", "--architecture", "resnet18",
         "--backbone_weights", "none", "--mode", "normal", "--dilated", "false", "--trainable-stem", "true",
         "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80", "--batch_size", "12",
         "--max_epoch", "1", "--num_workers", "0", "--device", "cpu", "--print_ratio", "0.5",
+        "--ppc", str(with_ppc).lower(), "--ppc_view_size", "48",
     ])  # fmt: skip
     summary = train_seam.main(args)
     final = Path(summary["final_path"])
     records = [json.loads(line) for line in (final.with_suffix("") / "metrics.jsonl").read_text().splitlines()]
     terms = [r for r in records if r["kind"] == "train"][-1]
-    assert {"loss", "cls_loss", "min_loss", "er_loss", "ecr_loss"} <= set(terms)
-    assert terms["loss"] == pytest.approx(sum(terms[k] for k in ("cls_loss", "min_loss", "er_loss", "ecr_loss")))
+    seam_terms = ("cls_loss", "min_loss", "er_loss", "ecr_loss") + (("ppc_loss",) if with_ppc else ())
+    assert {"loss", *seam_terms} <= set(terms)
+    assert terms["loss"] == pytest.approx(sum(terms[k] for k in seam_terms), rel=1e-5)
     state = torch.load(final, weights_only=True)
     assert state["classifier.weight"].shape[0] == 21 and "pcm.fuse.weight" in state  # VOC: 20 + background
+    assert ("projection.conv.weight" in state) == with_ppc
+    if with_ppc:  # L_nce = 0.1 (L_cp + L_cc + L_intra)
+        assert terms["ppc_loss"] == pytest.approx(0.1 * (terms["ppc_cp"] + terms["ppc_cc"] + terms["ppc_intra"]))
 
     out_dir = tmp_path / "cams"
     result = inference.main(inference.get_args_parser().parse_args([

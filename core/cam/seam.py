@@ -8,8 +8,8 @@ and ``conv5``), fused by a 1x1 conv (195 → 192) and L2-normalised per pixel, i
 ``Ŷ = A·S``: every output pixel a similarity-weighted average of all input pixels (``S = ReLU(fᵀf)``, each output
 pixel's weights summing to 1).
 
-Losses (two views: x, and x' = x bilinearly resized by ``--seam_view_scale`` 0.3, or to the fixed
-``--ppc_view_size`` when PPC is on), maps upsampled to their view's input size as in the reference:
+Losses (two views: x, and x' = x bilinearly resized by ``--seam_view_scale`` 0.3, or to PPC's fixed
+``--ppc_view_size`` 128 square when PPC is on), maps upsampled to their view's input size as in the reference:
 
 * ``L_cls``: MLSM of the foreground logits (GAP of the raw feature-size maps), mean over both views;
 * ``L_min``: adaptive min-pooling on the PCM maps × labels (mean ReLU of each image's lowest 25 % of
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cam import methods
-from core.cli import add_arg, nonnegative_float, open_unit_float, positive_int
+from core.cam import methods, ppc
+from core.cli import add_arg, nonnegative_float, open_unit_float
 from core.engine import StepFn, TrainContext
 from core.errors import WSSSError
 from core.models import Classifier, group_parameters
@@ -134,27 +134,38 @@ class SeamOutputs(NamedTuple):
     Attributes:
         maps: float [B, C+1, h, w], raw head output, background first.
         refined: float [B, C+1, h, w] >= 0, the PCM maps.
-        features: float [B, D, h, w], the last backbone features after the dropout (PPC's projection input).
+        embeddings: float [B, dim, h, w] >= 0, PPC's raw projected features of the last backbone features after the
+            dropout (the SEAM branch of PPC), or None without a projection head.
     """
 
     maps: torch.Tensor
     refined: torch.Tensor
-    features: torch.Tensor
+    embeddings: torch.Tensor | None = None
 
 
 class SeamClassifier(Classifier):
     """The CAM classifier with SEAM's background channel and PCM (module docstring).
 
     State-dict keys: :class:`core.models.Classifier`'s with ``classifier.weight`` [C+1, D, 1, 1] (background first),
-    plus ``pcm.low/mid/fuse.weight``. The released SEAM/PPC ResNet-38 files load directly (``fc8`` → ``classifier``,
-    ``f8_3/f8_4/f9`` → ``pcm``; see :mod:`core.models.compat`).
+    plus ``pcm.low/mid/fuse.weight`` and, with PPC, ``projection.conv.weight`` (training only: dropped at inference).
+    The released SEAM/PPC ResNet-38 files load directly (``fc8`` → ``classifier``, ``f8_3/f8_4/f9`` → ``pcm``,
+    ``fc_proj`` → ``projection.conv``; see :mod:`core.models.compat`).
 
     Args:
         architecture, num_classes (foreground classes C), **kwargs: as :class:`core.models.Classifier`.
         dropout: ``Dropout2d`` probability on the last features before the head (the reference's 0.5).
+        ppc_dim: channels of PPC's projection head (:class:`core.cam.ppc.ProjectionHead`), or None for none.
     """
 
-    def __init__(self, architecture: str, num_classes: int = 20, *, dropout: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        architecture: str,
+        num_classes: int = 20,
+        *,
+        dropout: float = 0.5,
+        ppc_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(architecture, num_classes, **kwargs)
         channels = self.backbone.stage_channels
         if len(channels) < 5:
@@ -164,6 +175,7 @@ class SeamClassifier(Classifier):
         self.classifier = nn.Conv2d(self.backbone.out_channels, self.num_classes + 1, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
         self.pcm = PixelCorrelationModule(channels[2], channels[3])
+        self.projection = ppc.ProjectionHead(self.backbone.out_channels, ppc_dim) if ppc_dim else None
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, with_cam: bool = False, hidden_mix: HiddenMix | None = None, *, full: bool = False
@@ -186,12 +198,14 @@ class SeamClassifier(Classifier):
             return logits
         refined = self.pcm(pcm_input(maps), x, x2, x3)
         if full:
-            return SeamOutputs(maps, refined, features)
+            embeddings = self.projection(features) if self.projection is not None else None
+            return SeamOutputs(maps, refined, embeddings)
         return logits, refined[:, 1:]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Backbone = pretrained; head and PCM = scratch (×10 LR), as the reference's ``from_scratch_layers``."""
-        return group_parameters(pretrained=[self.backbone], scratch=[self.classifier, self.pcm])
+        """Backbone = pretrained; head, PCM (and projection) = scratch, as the reference's ``from_scratch_layers``."""
+        heads = [self.classifier, self.pcm] + ([self.projection] if self.projection is not None else [])
+        return group_parameters(pretrained=[self.backbone], scratch=heads)
 
 
 def is_seam_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -202,11 +216,14 @@ def is_seam_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
 def seam_classifier(
     args: argparse.Namespace, num_classes: int, trainable_backbone: bool = True, dropout: float | None = None
 ) -> SeamClassifier:
-    """A :class:`SeamClassifier` of the network flags (as ``core.cam.training.classifier_from_flags``)."""
+    """A :class:`SeamClassifier` of the network flags (as ``core.cam.training.classifier_from_flags``), with PPC's
+    projection head when ``--ppc true``."""
+    config = ppc.PPCConfig.from_args(args)
     return SeamClassifier(
         args.architecture,
         num_classes,
         dropout=float(getattr(args, "feature_dropout", 0.5) if dropout is None else dropout),
+        ppc_dim=config.dim if config is not None else None,
         backbone_weights=args.backbone_weights,
         mode=args.mode,
         dilated=args.dilated,
@@ -321,8 +338,8 @@ def add_seam_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--seam_view_scale",
         type=open_unit_float,
         default=0.3,
-        help="second view = the crop bilinearly resized by this factor (SEAM 0.3; with --ppc true the view is "
-        "--ppc_view_size square instead)",
+        help="second view = the crop bilinearly resized by this factor (SEAM 0.3; with --ppc true the view is the "
+        "crop resized to --ppc_view_size x --ppc_view_size instead, as PPC's SEAM branch)",
     )
     add_arg(
         group,
@@ -338,42 +355,35 @@ def add_seam_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         default=0.5,
         help="Dropout2d probability on the last features before the head (SEAM's dropout7, 0.5)",
     )
-    add_arg(
-        group,
-        "--ppc_view_size",
-        type=positive_int,
-        default=128,
-        help="with --ppc true: the second view is the crop resized to this square size (PPC 128)",
-    )
     return group
 
 
 @dataclass(frozen=True)
 class SeamConfig:
-    """SEAM settings: the second view (scale, or fixed size when set) and the OHEM share of ``L_ECR``."""
+    """SEAM settings: the second view's scale, the OHEM share of ``L_ECR`` and PPC's settings (None: PPC off)."""
 
     view_scale: float = 0.3
-    view_size: int | None = None
     ohem_fraction: float = 0.2
+    ppc: ppc.PPCConfig | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SeamConfig:
-        size = int(args.ppc_view_size) if getattr(args, "ppc", False) else None
-        return cls(float(args.seam_view_scale), size, float(args.ecr_top))
+        return cls(float(args.seam_view_scale), float(args.ecr_top), ppc.PPCConfig.from_args(args))
 
     def second_view(self, images: torch.Tensor) -> torch.Tensor:
-        """x' of x float [B, 3, H, W]: bilinear (align_corners) to ``view_size``² or ``round(view_scale · H/W)``."""
-        if self.view_size is not None:
-            size = (self.view_size, self.view_size)
-        else:
-            size = tuple(max(1, int(s * self.view_scale)) for s in images.shape[-2:])
-        return resize(images, size)
+        """x' of x float [B, 3, H, W]: bilinear (align_corners) by ``view_scale`` (``int(s · H)``, as the reference's
+        ``scale_factor``), or to PPC's fixed ``view_size`` square with PPC on."""
+        if self.ppc is not None:
+            return ppc.second_view(images, self.ppc.view_size)
+        return resize(images, tuple(max(1, int(s * self.view_scale)) for s in images.shape[-2:]))
 
 
 def seam_step(
     ctx: TrainContext, batch: dict[str, Any], step: int, config: SeamConfig, class_loss: methods.ClassLoss
 ) -> dict[str, float]:
-    """The engine's step function of SEAM: both views through ``cg``, ``L = L_cls + L_min + L_ER + L_ECR``."""
+    """The engine's step function of SEAM: both views through ``cg``, ``L = L_cls + L_min + L_ER + L_ECR``, plus
+    PPC's ``L_nce`` on the two views' embeddings and PCM maps (at feature size; PPC resizes view 1 to view 2's grid)
+    with ``--ppc true``."""
     images, labels = ctx.to_device(batch["image"]), ctx.to_device(batch["label"]).float()
     cg = ctx.models["cg"]
     with ctx.autocast():
@@ -383,8 +393,18 @@ def seam_step(
             out1, out2, tuple(images.shape[-2:]), tuple(view2.shape[-2:]), labels, class_loss, config.ohem_fraction
         )
         loss = sum(terms.values())
+        extra: dict[str, torch.Tensor] = {}
+        if config.ppc is not None:
+            if out1.embeddings is None or out2.embeddings is None:
+                raise WSSSError("--ppc true needs a SeamClassifier built with a projection head (ppc_dim)")
+            ppc_loss, extra = ppc.ppc_loss(
+                out1.embeddings, out2.embeddings, out1.refined, out2.refined, labels, **ppc.config_kwargs(config.ppc)
+            )
+            loss = loss + ppc_loss
+            extra = {"ppc_loss": ppc_loss, **extra}
     ctx.update("cg", loss)
-    return methods.to_floats({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}})
+    values = {"loss": loss, **terms, **extra}
+    return methods.to_floats({k: v.detach() for k, v in values.items()})
 
 
 def build_seam_step(

@@ -60,7 +60,7 @@ CLASS_HEADS: dict[str, tuple[str, str]] = {
 
 _WRAPPER_KEYS = ("state_dict", "model")
 # Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head, PPC's
-# projection head): the CAMs come from ``classifier.weight``, so inference and --restore take such weights as they are.
+# projection head): the CAMs come from ``classifier.weight``, so inference and --restore take those weights as they are.
 AUXILIARY_HEADS = ("sub_classifier.", "projection.")
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
 _STAGE_TO_NATIVE = (
@@ -80,8 +80,8 @@ _RESNET38_HEADS = (
     ("f8_3.", "pcm.low."),
     ("f8_4.", "pcm.mid."),
     ("f9.", "pcm.fuse."),
-    ("fc_proj.", "projection."),  # PPC's projection (SEAM branch; the EPS branch calls it proj_fc)
-    ("proj_fc.", "projection."),
+    ("fc_proj.", "projection.conv."),  # PPC's projection head (SEAM branch; the EPS branch calls it proj_fc)
+    ("proj_fc.", "projection.conv."),
 )
 _LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
 

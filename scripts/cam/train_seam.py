@@ -63,9 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def build_network(args: argparse.Namespace, num_classes: int) -> SeamClassifier:
     model = seam.seam_classifier(args, num_classes, args.trainable_backbone)
-    if args.restore:
-        training.load_classifier_weights(model, args.restore, weights_flag="--restore")
-    return model
+    return training.load_restore_weights(model, args)  # type: ignore[return-value]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +74,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         __file__,
         build_network=build_network,
         build_step=lambda args, splitter, class_weight: seam.build_seam_step(args, class_weight, config),
+        supports_ppc=True,
     )
 
 
