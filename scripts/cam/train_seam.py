@@ -8,6 +8,12 @@ published recipe: ResNet-38 (``--architecture resnet38``, frozen BatchNorm, conv
 8 epochs, crop 448 after a random resize of the longer side to 448-768, weight decay 5e-4, colour jitter. Any
 registry backbone works (``--architecture resnet50 --dilated true`` for example).
 
+``--ppc true`` adds PPC's pixel-to-prototype contrast (the wseg system's SEAM branch, METHODS §6): a projection head
+(1x1 conv -> 128, ReLU) on the last features after the dropout, the second view becomes the crop resized to a fixed
+``--ppc_view_size`` (128) square, and ``L_nce = 0.1 L_cp + 0.1 L_cc + 0.1 L_intra`` contrasts the two views'
+embeddings with prototypes of their PCM maps (background θ ``--ppc_bg`` 0.20, top-k ``--ppc_topk`` 1/8 of the grid,
+over the global batch under torchrun). Inference is unchanged (the projection head is dropped).
+
 The CAMs of the saved model are its PCM maps: ``scripts/cam/inference.py`` recognises a SEAM checkpoint (its PCM
 weights) and writes ordinary CAM files, with the same ``--architecture``/``--mode``/``--dilated`` as here. A released
 SEAM/PPC ResNet-38 ``.pth`` runs through it as well (``--architecture resnet38 --weights PATH``).
@@ -19,6 +25,7 @@ Writes: experiments/models/<tag>.pth; experiments/models/<tag>/{last.pth, args.j
 Example:
     python scripts/cam/train_seam.py --tag seam/voc12-r38 --data_dir $WSSS_DATA_DIR \\
         --backbone_weights experiments/models/resnet38d_imagenet.pth --mixed_precision true
+    python scripts/cam/train_seam.py --tag seam-ppc/voc12-r38 --ppc true ...
     python scripts/cam/inference.py --tag seam/voc12-r38 --architecture resnet38 --mode fix --data_dir $WSSS_DATA_DIR
 """
 
