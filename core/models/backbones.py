@@ -4,6 +4,9 @@ The backbone's own modules (``conv1``, ``bn1``, ``layer1``..``layer4``) are regi
 torchvision / ResNeSt names, so its state dict is the ImageNet file's minus ``fc.*`` and weights load without
 renaming. ``resnet18/34`` use torchvision's BasicBlock (the reference built them with Bottleneck blocks, so
 their ImageNet weights could not load; SPEC §13.1.17).
+
+``resnet38`` is the wide ResNet-38d of PSA/SEAM/EPS/PPC (:mod:`core.models.resnet38`): a :class:`FeatureBackbone`
+of its own layout with the same outputs, always at output stride 8.
 """
 
 from __future__ import annotations
