@@ -3,13 +3,15 @@
 # epochs, the OC methods against the vanilla model $TAG_OC (default: the one this run trains); then CAM inference,
 # the threshold sweep, and one table. Every method starts from $BACKBONE_WEIGHTS (none = from scratch on synthetic),
 # or from CG_WEIGHTS when it is set (e.g. a trained classifier standing in for ImageNet weights). The mixing methods
-# (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...) join the table when METHODS names them.
+# (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...) and SEAM (seam, and seam-ppc with PPC's contrast:
+# scripts/cam/train_seam.py, at the runner's backbone and output stride) join the table when METHODS names them.
 #
 #   DATASET=synthetic bash runners/compare-cams.sh        # the README's methods table (CPU, from scratch)
 #   DATASET=synthetic bash runners/compare-cams.sh --seeds 3   # or SEEDS=3: each method at seeds 0..2, mean ± sd
 #   DATASET=synthetic EID=cmp-oc TAG_OC=vanilla/synthetic-resnet18-e6-cmp \
 #     CG_WEIGHTS=experiments/models/vanilla/synthetic-resnet18-e6-cmp.pth bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="vanilla mixup fmix manifold" bash runners/compare-cams.sh
+#   DATASET=synthetic METHODS="seam seam-ppc" PPC_VIEW_SIZE=48 bash runners/compare-cams.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/compare-cams.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,10 +37,15 @@ method_flags() {
     poc)     echo --alpha "$PUZZLE_ALPHA" --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" ;;
     pnoc)    echo --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" "${pnoc_flags[@]}" ;;
     mixup|fmix|manifold) echo --mix "$1" ;;
-    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc mixup fmix manifold)" >&2; return 2 ;;
+    seam)     echo --augment "$AUGMENT_OC" ;;
+    seam-ppc) echo --augment "$AUGMENT_OC" --ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}" ;;
+    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc mixup fmix manifold seam seam-ppc)" >&2
+       return 2 ;;
   esac
 }
-script_of() { case "$1" in mixup|fmix|manifold) echo train_mixup ;; *) echo "train_$1" ;; esac; }
+script_of() {
+  case "$1" in mixup|fmix|manifold) echo train_mixup ;; seam|seam-ppc) echo train_seam ;; *) echo "train_$1" ;; esac
+}
 
 results=()
 for METHOD in $METHODS; do

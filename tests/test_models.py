@@ -121,6 +121,8 @@ def test_registry_names_and_unknown_backbone() -> None:
         "vit_small_patch16_224",
         "vit_tiny_patch16_224",
         "test_vit",
+        "resnet38",
+        "test_resnet38",
     }
     assert set(BACKBONES) == expected
     with pytest.raises(WSSSError, match="unknown architecture 'resnet51'.*resnet50.*resnest269"):

@@ -10,6 +10,7 @@ Every method adds parts to the vanilla loss ``L_c = MLSM(f(x), ỹ)`` of the CAM
 
 ``vanilla`` = {}, ``puzzle`` = {puzzle}, ``occse`` = {oc}, ``poc`` = {puzzle, oc}, ``pnoc`` = {puzzle, oc, adversary}.
 The mixing methods ``mixup``, ``fmix`` and ``manifold`` = {mix} train on mixed batches instead (:mod:`core.cam.mixing`).
+With ``--ppc true`` every non-mixing method also adds PPC's pixel-to-prototype contrast (:mod:`core.cam.ppc`).
 A script registers its networks in a :class:`core.engine.TrainContext` (``cg`` first; ``oc`` frozen, or trained for
 P-NOC) and hands :func:`build_step_fn` to :func:`core.engine.fit`; ``tools/benchmark.py`` times the same step.
 
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.cam import mixing
+from core.cam import mixing, ppc
 from core.cam.cams import normalize_cams
 from core.cam.occse import STRATEGIES, LabelSplitter, hard_mask_images, soft_mask_images
 from core.cam.puzzle import puzzle_outputs
@@ -258,6 +259,7 @@ class MethodSpec:
     splitter: LabelSplitter | None = None
     adversary: AdversaryConfig | None = None
     mix: mixing.MixConfig | None = None
+    ppc: ppc.PPCConfig | None = None  # --ppc true: PPC's contrast of two views (core/cam/ppc.py)
 
 
 def classification_loss(label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None) -> ClassLoss:
@@ -285,6 +287,7 @@ def method_spec(
         splitter=splitter if "oc" in parts else None,
         adversary=AdversaryConfig.from_args(args) if "adversary" in parts else None,
         mix=mixing.MixConfig.from_args(args, method) if "mix" in parts else None,
+        ppc=ppc.PPCConfig.from_args(args) if "mix" not in parts else None,
     )
 
 
@@ -489,7 +492,8 @@ def pnoc_oc_step(
 def generator_step(
     ctx: TrainContext, images: torch.Tensor, labels: torch.Tensor, step: int, spec: MethodSpec
 ) -> tuple[dict[str, torch.Tensor | float], torch.Tensor, OCTerm | None]:
-    """One update of the CAM generator ``cg``: ``L_c`` plus the method's Puzzle and OC-CSE terms.
+    """One update of the CAM generator ``cg``: ``L_c`` plus the method's Puzzle and OC-CSE terms and, with
+    ``--ppc true``, PPC's ``L_nce`` of view 1 and its 128x128 second view.
 
     Args:
         images: float [B, 3, H, W] on the device; labels: float [B, C] in [0, 1], unsmoothed.
@@ -504,7 +508,10 @@ def generator_step(
     scalars: dict[str, torch.Tensor | float] = {}
     term = None
     with ctx.autocast():
-        logits, maps = cg(images, with_cam=True)
+        if spec.ppc is not None:
+            logits, maps, embeddings = cg(images, with_cam=True, with_embedding=True)
+        else:
+            logits, maps = cg(images, with_cam=True)
         c_loss = spec.class_loss(logits, labels)
         loss = c_loss
         if spec.puzzle is not None:
@@ -523,10 +530,14 @@ def generator_step(
             )
             loss = loss + oc_alpha * term.loss
             scalars |= {"o_loss": term.loss.detach(), "oc_alpha": oc_alpha, "k": float(k)}
+        if spec.ppc is not None:  # view 2 through the generator, contrasted with view 1 (core/cam/ppc.py)
+            ppc_loss, terms = ppc.generator_ppc_term(cg, images, maps, embeddings, labels, spec.ppc)
+            loss = loss + ppc_loss
+            scalars |= {"ppc_loss": ppc_loss.detach(), **terms}
     ctx.update("cg", loss)
     if term is not None and spec.splitter is not None:
         spec.splitter.update_focal(term.logits, term.remaining, labels)
-    if spec.puzzle is not None or spec.oc is not None:
+    if spec.puzzle is not None or spec.oc is not None or spec.ppc is not None:
         scalars = {"loss": loss.detach(), "c_loss": c_loss.detach(), **scalars}
     else:
         scalars = {"loss": loss.detach()}

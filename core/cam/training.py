@@ -15,14 +15,21 @@ from typing import Any
 import torch
 
 from core import engine, manifest, runtime
-from core.cam import methods, validation
+from core.cam import eps, methods, ppc, seam, validation
 from core.cam.occse import LabelSplitter
 from core.cli import add_arg, add_bool_arg, add_dataset_args, float_list, positive_int
 from core.datasets import ClassificationDataset, DataSource, SegmentationDataset, source_from_args
 from core.datasets.transforms import build_classification_transform, build_validation_transform
 from core.engine import TrainContext, ValidateFn, build_loader
 from core.errors import WSSSError
-from core.models import BACKBONES, Classifier, load_classifier_weights
+from core.models import (
+    BACKBONES,
+    Classifier,
+    load_classifier_weights,
+    normalize_state_dict_keys,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from core.models.initialization import DEFAULT_SCRATCH_INIT, add_scratch_init_arg
 from core.optim import PolyLR, build_optimizer, build_param_groups
 from core.runtime import Run
@@ -96,6 +103,7 @@ def add_classifier_args(parser: argparse.ArgumentParser) -> None:
     add_bool_arg(group, "--trainable-backbone", True, "train the backbone (false: only the classifier head)")
     add_scratch_init_arg(group)
     add_arg(group, "--restore", type=str, default=None, help="start from the weights of this classifier checkpoint")
+    ppc.add_ppc_args(parser)
 
 
 def parse_class_weight(text: str | None, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -127,12 +135,25 @@ def check_augment(augment: str | None) -> None:
         )
 
 
-def build_train_data(args: argparse.Namespace, run: Run) -> tuple[DataSource, torch.utils.data.DataLoader]:
-    """Source and shuffled per-process loader of ``--domain_train`` with the random training transform."""
+# A method's own training set (EPS's images with saliency maps), given the flags and the source of --domain_train.
+BuildDataset = Callable[[argparse.Namespace, DataSource], torch.utils.data.Dataset]
+
+
+def build_train_data(
+    args: argparse.Namespace, run: Run, build_dataset: BuildDataset | None = None
+) -> tuple[DataSource, torch.utils.data.DataLoader]:
+    """Source and shuffled per-process loader of ``--domain_train`` with the random training transform (or the
+    dataset of ``build_dataset``)."""
     check_augment(args.augment)
     source = source_from_args(args)
-    transform = build_classification_transform(args.min_image_size, args.max_image_size, args.image_size, args.augment)
-    loader = build_loader(ClassificationDataset(source, transform), run, train=True)
+    if build_dataset is not None:
+        dataset = build_dataset(args, source)
+    else:
+        transform = build_classification_transform(
+            args.min_image_size, args.max_image_size, args.image_size, args.augment
+        )
+        dataset = ClassificationDataset(source, transform)
+    loader = build_loader(dataset, run, train=True)
     logger.info(
         "training on %d images of %s (%d batches per process per epoch)", len(loader.dataset), args.domain, len(loader)
     )
@@ -152,10 +173,17 @@ def build_valid_loader(args: argparse.Namespace, run: Run) -> torch.utils.data.D
     return build_loader(dataset, run, train=False)
 
 
-def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_backbone: bool = True) -> Classifier:
+def classifier_from_flags(
+    args: argparse.Namespace,
+    num_classes: int,
+    trainable_backbone: bool = True,
+    network: type[Classifier] = Classifier,
+    **extra: Any,
+) -> Classifier:
     """A CAM classifier of the network flags (``--architecture``, ``--backbone_weights``, ``--mode``, ``--dilated``,
-    ``--trainable-stem``, ``--scratch_init``) shared by the training and inference scripts; no checkpoint loaded."""
-    return Classifier(
+    ``--trainable-stem``, ``--scratch_init``) shared by the training and inference scripts; no checkpoint loaded.
+    ``network`` is the class to build (a :class:`Classifier` subclass such as EPS's), ``extra`` its own arguments."""
+    return network(
         args.architecture,
         num_classes,
         backbone_weights=args.backbone_weights,
@@ -165,6 +193,7 @@ def classifier_from_flags(args: argparse.Namespace, num_classes: int, trainable_
         trainable_backbone=trainable_backbone,
         # inference has no --scratch_init: its checkpoint supplies every weight, so any init will do.
         scratch_init=getattr(args, "scratch_init", DEFAULT_SCRATCH_INIT),
+        **extra,
     )
 
 
@@ -172,18 +201,53 @@ def trained_classifier(
     args: argparse.Namespace, num_classes: int, path: str | os.PathLike, device: torch.device
 ) -> Classifier:
     """The classifier of the network flags with the weights of ``path`` (named by ``--weights`` in errors;
-    ``--trust_checkpoint``), on ``device``, in eval mode: what the inference-like scripts run."""
-    model = classifier_from_flags(args, num_classes)
-    load_classifier_weights(model, path, trusted=args.trust_checkpoint, weights_flag="--weights")
+    ``--trust_checkpoint``), on ``device``, in eval mode: what the inference-like scripts run.
+
+    An EPS checkpoint (C + 1 maps, background last) is recognised and built as :class:`core.cam.eps.EPSClassifier`,
+    whose CAMs are the foreground channels of its softmax; a SEAM checkpoint (ours, or a released SEAM/PPC ResNet-38
+    file: it has PCM weights) as :class:`core.cam.seam.SeamClassifier`, whose CAMs are its PCM maps. Their CAM files
+    read like any other.
+    """
+    state = normalize_state_dict_keys(unwrap_state_dict(read_checkpoint(path, trusted=args.trust_checkpoint), path))
+    if seam.is_seam_state_dict(state):
+        logger.info("%s is a SEAM classifier: its CAMs are the maps of its pixel correlation module", path)
+        model: Classifier = seam.seam_classifier(args, num_classes)
+    else:
+        network = eps.EPSClassifier if eps.is_eps_state_dict(state) else Classifier
+        if network is eps.EPSClassifier:
+            logger.info("%s is an EPS classifier: its CAMs are the foreground channels of the softmax", path)
+        model = classifier_from_flags(args, num_classes, network=network)
+    load_classifier_weights(model, state, weights_flag="--weights", source_name=str(path))
     return model.to(device).eval()
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
-    """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly)."""
-    model = classifier_from_flags(args, num_classes, args.trainable_backbone)
-    if args.restore:
+def load_restore_weights(model: Classifier, args: argparse.Namespace) -> Classifier:
+    """Load ``--restore`` strictly into ``model``, leaving a PPC projection head (absent from plain classifiers) as
+    initialised; a projection head the checkpoint holds is dropped (``AUXILIARY_HEADS``)."""
+    if not args.restore:
+        return model
+    head = getattr(model, "projection", None)
+    if head is not None:
+        model.projection = None  # out of the state dict while loading
+    try:
         load_classifier_weights(model, args.restore, weights_flag="--restore")
+    finally:
+        if head is not None:
+            model.projection = head
     return model
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int) -> Classifier:
+    """The CAM classifier from the ``add_classifier_args`` flags (``--restore`` weights loaded strictly); with
+    ``--ppc true`` a :class:`core.cam.ppc.PPCClassifier` (the classifier plus PPC's projection head)."""
+    config = ppc.PPCConfig.from_args(args)
+    if config is None:
+        model = classifier_from_flags(args, num_classes, args.trainable_backbone)
+    else:
+        model = classifier_from_flags(
+            args, num_classes, args.trainable_backbone, network=ppc.PPCClassifier, ppc_dim=config.dim
+        )
+    return load_restore_weights(model, args)
 
 
 def add_trained_classifier(
@@ -267,6 +331,18 @@ AlsoSave = Callable[[argparse.Namespace, Path], dict[str, Path]]
 BuildNetwork = Callable[[argparse.Namespace, int], Classifier]
 # A method's own step function (SC-CAM), given the flags, the label splitter and the class weights.
 BuildStep = Callable[[argparse.Namespace, LabelSplitter | None, torch.Tensor | None], engine.StepFn]
+# The methods whose step runs PPC with --ppc true (the generator step of core.cam.methods); the mixing methods and
+# SC-CAM train on mixed images or through their own step, which give the projection head no features to contrast.
+PPC_METHODS = tuple(name for name, parts in methods.METHOD_PARTS.items() if "mix" not in parts)
+
+
+def check_ppc(args: argparse.Namespace, method: str, supports_ppc: bool) -> None:
+    """Refuse ``--ppc true`` for a method whose step gives PPC no features (one line, before anything is written)."""
+    if ppc.PPCConfig.from_args(args) is not None and not supports_ppc:
+        raise WSSSError(
+            f"--ppc true: method {method} gives no features for PPC's projection head (its step does not contrast "
+            f"pixel embeddings); PPC works with {', '.join(PPC_METHODS)}, EPS (train_eps.py) and SEAM; drop --ppc"
+        )
 
 
 def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,7 +355,9 @@ def starting_weights(args: argparse.Namespace) -> dict[str, Any]:
         "subcategories": getattr(args, "subcategories", None),
         "teacher_weights": getattr(args, "teacher_weights", None),
     }
-    return {name: manifest.file_fingerprint(path) for name, path in files.items() if path and os.path.isfile(path)}
+    found = {name: manifest.file_fingerprint(path) for name, path in files.items() if path and os.path.isfile(path)}
+    sal_dir = getattr(args, "sal_dir", None)
+    return found | ({"sal_dir": manifest.folder_fingerprint(sal_dir)} if sal_dir else {})
 
 
 def add_frozen_ordinary_classifier(ctx: TrainContext, args: argparse.Namespace, num_classes: int) -> LabelSplitter:
@@ -298,6 +376,8 @@ def train_cam_generator(
     also_save: AlsoSave | None = None,
     build_network: BuildNetwork | None = None,
     build_step: BuildStep | None = None,
+    build_dataset: BuildDataset | None = None,
+    supports_ppc: bool | None = None,
 ) -> dict[str, Any]:
     """The recipe every CAM training script runs: set-up and manifest, data, the generator ``cg`` with its
     optimizer, the method's extra networks, the step of ``method``, validation, :func:`core.engine.fit`.
@@ -314,16 +394,20 @@ def train_cam_generator(
         build_network: builds the generator instead of :func:`build_classifier` (SC-CAM's two heads).
         build_step: builds the step instead of :func:`core.cam.methods.build_step_fn` (``method`` then only names
             the run; SC-CAM).
+        build_dataset: builds the training set instead of the images and labels of ``--domain_train`` (EPS).
+        supports_ppc: whether the step runs PPC with ``--ppc true``; None: the methods of :data:`PPC_METHODS` do,
+            when the script passes no ``build_step``.
 
     Returns:
         :func:`core.engine.fit`'s summary, with ``<name>_path`` for each file of ``also_save``.
     """
     if "oc" in methods.METHOD_PARTS.get(method, ()):
         methods.check_oc_pretrained(args)  # fail before any folder is created
+    check_ppc(args, method, supports_ppc if supports_ppc is not None else method in PPC_METHODS and not build_step)
     with runtime.training_run(
         args, "cam", script, inputs=starting_weights(args), context=runtime.data_context(args)
     ) as run:
-        source, train_loader = build_train_data(args, run)
+        source, train_loader = build_train_data(args, run, build_dataset)
         valid_loader = build_valid_loader(args, run)
         class_weight = parse_class_weight(args.class_weight, source.num_classes, run.device)
 

@@ -4,6 +4,9 @@ The backbone's own modules (``conv1``, ``bn1``, ``layer1``..``layer4``) are regi
 torchvision / ResNeSt names, so its state dict is the ImageNet file's minus ``fc.*`` and weights load without
 renaming. ``resnet18/34`` use torchvision's BasicBlock (the reference built them with Bottleneck blocks, so
 their ImageNet weights could not load; SPEC §13.1.17).
+
+``resnet38`` is the wide ResNet-38d of PSA/SEAM/EPS/PPC (:mod:`core.models.resnet38`): a :class:`FeatureBackbone`
+of its own layout with the same outputs, always at output stride 8.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from core.models.compat import (
     normalize_state_dict_keys,
     read_checkpoint,
     unwrap_state_dict,
+    with_batch_counters,
 )
 from core.models.initialization import DEFAULT_SCRATCH_INIT, check_scratch_init, reset_to_pytorch_default
 
@@ -78,8 +82,11 @@ class FixedBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-class Backbone(nn.Module):
-    """A ResNet-family feature extractor returning the stem and the four stage outputs.
+class FeatureBackbone(nn.Module):
+    """What every convolutional backbone shares: its description, freezing parts, and BN frozen across ``train()``.
+
+    Subclasses build their layers and set ``stage_channels`` / ``out_channels``; ``stem_modules`` and
+    ``stage_modules`` name the children that ``--trainable-stem false`` and ``--trainable-backbone false`` freeze.
 
     Attributes:
         architecture: registry name, e.g. ``resnet50``.
@@ -89,8 +96,44 @@ class Backbone(nn.Module):
         fixed_norm: True in ``fix`` mode: every BN layer stays in eval mode.
     """
 
-    def __init__(self, net: nn.Module, architecture: str, output_stride: int, fixed_norm: bool = False) -> None:
+    stem_modules: tuple[str, ...] = STEM_MODULES
+    stage_modules: tuple[str, ...] = STAGE_MODULES
+
+    def __init__(self, architecture: str, output_stride: int, fixed_norm: bool = False) -> None:
         super().__init__()
+        self.architecture = architecture
+        self.output_stride = output_stride
+        self.fixed_norm = fixed_norm
+        self.stage_channels: tuple[int, ...] = ()
+        self.out_channels = 0
+        self._frozen: list[str] = []
+
+    def freeze(self, names: Iterable[str]) -> None:
+        """Stop training the named child modules: no gradients, and BN kept in eval mode across ``train()``."""
+        for name in names:
+            self.get_submodule(name).requires_grad_(False)
+            if name not in self._frozen:
+                self._frozen.append(name)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FeatureBackbone:
+        super().train(mode)
+        # Frozen parts and fixed BN must never update running statistics, whatever the caller asks.
+        for name in self._frozen:
+            self.get_submodule(name).eval()
+        # Checked by base class, so it still holds after e.g. SyncBatchNorm conversion replaced FixedBatchNorm2d.
+        if self.fixed_norm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+class Backbone(FeatureBackbone):
+    """A ResNet-family feature extractor returning the stem and the four stage outputs (see FeatureBackbone)."""
+
+    def __init__(self, net: nn.Module, architecture: str, output_stride: int, fixed_norm: bool = False) -> None:
+        super().__init__(architecture, output_stride, fixed_norm)
         # Registered in torchvision's order so state-dict keys and their order match the ImageNet files.
         self.conv1 = net.conv1
         self.bn1 = net.bn1
@@ -100,14 +143,10 @@ class Backbone(nn.Module):
         self.layer2 = net.layer2
         self.layer3 = net.layer3
         self.layer4 = net.layer4
-        self.architecture = architecture
-        self.output_stride = output_stride
         self.stage_channels = (self.bn1.num_features,) + tuple(
             _last_norm_channels(getattr(self, f"layer{i}")) for i in range(1, 5)
         )
         self.out_channels = self.stage_channels[-1]
-        self.fixed_norm = fixed_norm
-        self._frozen: list[str] = []
 
     def forward(
         self, x: torch.Tensor, hidden_mix: HiddenMix | None = None
@@ -133,26 +172,6 @@ class Backbone(nn.Module):
         x4 = mix(5, self.layer4(x3))
         return stem, x1, x2, x3, x4
 
-    def freeze(self, names: Iterable[str]) -> None:
-        """Stop training the named child modules: no gradients, and BN kept in eval mode across ``train()``."""
-        for name in names:
-            self.get_submodule(name).requires_grad_(False)
-            if name not in self._frozen:
-                self._frozen.append(name)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> Backbone:
-        super().train(mode)
-        # Frozen parts and fixed BN must never update running statistics, whatever the caller asks.
-        for name in self._frozen:
-            self.get_submodule(name).eval()
-        # Checked by base class, so it still holds after e.g. SyncBatchNorm conversion replaced FixedBatchNorm2d.
-        if self.fixed_norm:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
-
 
 def build_backbone(
     name: str,
@@ -163,7 +182,7 @@ def build_backbone(
     trainable_stem: bool = True,
     trainable_backbone: bool = True,
     scratch_init: str = DEFAULT_SCRATCH_INIT,
-) -> Backbone:
+) -> FeatureBackbone:
     """Build a registered backbone.
 
     Args:
@@ -195,7 +214,10 @@ def build_backbone(
         )
     norm_layer = FixedBatchNorm2d if mode == "fix" else nn.BatchNorm2d
     net = BACKBONES[name](norm_layer, dilated)
-    backbone = Backbone(net, name, output_stride=8 if dilated else 16, fixed_norm=mode == "fix")
+    if isinstance(net, FeatureBackbone):  # a complete backbone of its own layout (ResNet-38)
+        backbone = net
+    else:
+        backbone = Backbone(net, name, output_stride=8 if dilated else 16, fixed_norm=mode == "fix")
     if is_random(weights) and scratch_init == "pytorch":
         reset_to_pytorch_default(backbone)
     load_backbone_weights(backbone, weights)
@@ -204,18 +226,24 @@ def build_backbone(
             if isinstance(module, nn.BatchNorm2d):
                 module.requires_grad_(False)
     if not trainable_backbone:
-        backbone.freeze(STAGE_MODULES)
+        backbone.freeze(backbone.stage_modules)
     elif not trainable_stem:
-        backbone.freeze(STEM_MODULES)
+        backbone.freeze(backbone.stem_modules)
     backbone.train()
     return backbone
 
 
-def load_backbone_weights(backbone: Backbone, weights: str | os.PathLike | None) -> None:
+def load_backbone_weights(backbone: FeatureBackbone, weights: str | os.PathLike | None) -> None:
     """Fill ``backbone`` from ``"none"`` (keep the random init), ``"imagenet"`` or a file (see build_backbone)."""
     if is_random(weights):
         logger.info("%s: random initialisation (no pretrained weights)", backbone.architecture)
         return
+    if str(weights).lower() == "imagenet" and backbone.architecture in RESNET38_ARCHITECTURES:
+        raise WSSSError(
+            f"no ImageNet weights of {backbone.architecture} can be downloaded (the original is an MXNet .params "
+            "file): convert it once as core/models/resnet38.py describes and pass --backbone_weights PATH "
+            "(or --backbone_weights none)"
+        )
     if str(weights).lower() == "imagenet":
         state_dict = imagenet_state_dict(backbone.architecture)
         backbone.load_state_dict(_without_head(state_dict), strict=True)
@@ -227,6 +255,7 @@ def load_backbone_weights(backbone: Backbone, weights: str | os.PathLike | None)
             f"backbone weights file {path} not found; pass an existing .pth, --backbone_weights imagenet or none"
         )
     state_dict = _backbone_part(normalize_state_dict_keys(unwrap_state_dict(read_checkpoint(path), path)))
+    state_dict = with_batch_counters(backbone.state_dict(), state_dict)
     mismatch = compare_state_dicts(backbone.state_dict(), state_dict)
     if not mismatch.is_empty():
         raise WSSSError(
@@ -287,8 +316,13 @@ def _imagenet_url(name: str) -> str:
     return get_model_weights(name).IMAGENET1K_V1.url
 
 
+# Heads that a backbone file may carry besides the backbone: torchvision's ImageNet classifier, and the CAM heads
+# of a classifier checkpoint (ours after core.models.compat renamed the ResNet-38 references' fc8/f8_3/f9/fc_proj).
+_HEAD_PREFIXES = ("fc.", "avgpool.", "classifier.", "pcm.", "projection.", "linear1000.")
+
+
 def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "avgpool."))}
+    return {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
 
 
 def _backbone_part(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -361,6 +395,18 @@ def _vit(name: str, norm_layer: type[nn.BatchNorm2d], dilated: bool) -> nn.Modul
 # have no ResNet stages to wrap; test_vit is timm's 0.3 M-parameter ViT for tests.
 VIT_ARCHITECTURES = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "test_vit")
 _register_family(VIT_ARCHITECTURES, _vit)
+
+
+def _resnet38(name: str, norm_layer: type[nn.BatchNorm2d], dilated: bool) -> nn.Module:
+    from core.models.resnet38 import build_resnet38  # its module imports this one
+
+    return build_resnet38(norm_layer, dilated, name)
+
+
+# The wide ResNet-38d of PSA/SEAM/EPS/PPC (core/models/resnet38.py), always output stride 8; test_resnet38 is the
+# same network at 1/16 of the width, for tests.
+RESNET38_ARCHITECTURES = ("resnet38", "test_resnet38")
+_register_family(RESNET38_ARCHITECTURES, _resnet38)
 
 
 def group_parameters(pretrained: Iterable[nn.Module], scratch: Iterable[nn.Module]) -> dict[str, list[nn.Parameter]]:

@@ -10,6 +10,9 @@ Current layout (SPEC §2.4): ``backbone.<native torchvision/resnest key>`` plus 
   ``stage1..stage5``;
 * P-NOC reference layout 2023-10 → 2024-02: ``stage1..stage5`` only (``stage1.0`` = stem conv,
   ``stage1.1`` = bn1, ``stage{2..5}.0`` = layer1..layer4).
+* the ResNet-38 references (PSA, SEAM, EPS, PPC: ``conv1a.*``, ``b2.*`` .. ``b7.*``, ``bn7.*``, no prefix): the
+  backbone keys gain ``backbone.``, ``fc8`` becomes ``classifier`` and SEAM's PCM convs ``f8_3``, ``f8_4``, ``f9``
+  become ``pcm.low``, ``pcm.mid``, ``pcm.fuse`` (:mod:`core.cam.seam`).
 
 Heads keep their keys in every layout; :data:`CLASS_HEADS` names the tensor that carries each network's class count
 (the CAM classifier's ``classifier.weight``, DeepLabV3+'s ``decoder.classifier.8.weight``), so messages can say
@@ -46,6 +49,9 @@ KNOWN_DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
     ("resnest", (3, 30, 48, 8)): "resnest269",
 }
 
+#: Blocks of the groups b2..b7 of the wide ResNet-38d.
+RESNET38_BLOCKS = (3, 3, 6, 3, 1, 1)
+
 #: class-head weight key -> (network name, what its first dimension counts).
 CLASS_HEADS: dict[str, tuple[str, str]] = {
     "classifier.weight": ("classifier", "foreground classes"),
@@ -53,9 +59,9 @@ CLASS_HEADS: dict[str, tuple[str, str]] = {
 }
 
 _WRAPPER_KEYS = ("state_dict", "model")
-# Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head): the
-# CAMs come from ``classifier.weight``, so inference and --restore take the two-head weights as they are.
-AUXILIARY_HEADS = ("sub_classifier.",)
+# Training-only heads a plain classifier drops when it loads such a checkpoint (SC-CAM's sub-category head, PPC's
+# projection head): the CAMs come from ``classifier.weight``, so inference and --restore take those weights as they are.
+AUXILIARY_HEADS = ("sub_classifier.", "projection.")
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
 _STAGE_TO_NATIVE = (
     (re.compile(r"^stage1\.0\."), "backbone.conv1."),
@@ -66,6 +72,17 @@ _STAGE_TO_NATIVE = (
     (re.compile(r"^stage5\.0\."), "backbone.layer4."),
 )
 _STAGE_KEY = re.compile(r"^stage[1-5]\.")
+# A ResNet-38 reference file: the backbone's own keys (core/models/resnet38.py) at the top level.
+_RESNET38_BACKBONE_KEY = re.compile(r"^(conv1a|b[2-7](_\d)?|bn7)\.")
+_RESNET38_BLOCK = re.compile(r"(?:^|\.)b([2-7])(?:_(\d))?\.")
+_RESNET38_HEADS = (
+    ("fc8.", "classifier."),
+    ("f8_3.", "pcm.low."),
+    ("f8_4.", "pcm.mid."),
+    ("f9.", "pcm.fuse."),
+    ("fc_proj.", "projection.conv."),  # PPC's projection head (SEAM branch; the EPS branch calls it proj_fc)
+    ("proj_fc.", "projection.conv."),
+)
 _LAYER_BLOCK = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.")
 
 
@@ -187,6 +204,8 @@ def normalize_state_dict_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[st
         }
     if any(_STAGE_KEY.match(key) for key in renamed):
         return {_stage_to_native(key): value for key, value in renamed.items()}
+    if any(key.startswith("conv1a.") for key in renamed):
+        return {_resnet38_to_current(key): value for key, value in renamed.items()}
     return renamed
 
 
@@ -199,6 +218,14 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     keys = list(normalize_state_dict_keys(state_dict))
     depths = _block_counts(keys)
+    if _is_resnet38(keys):
+        net, depth_text = "resnet38-like", ",".join(str(d) for d in _resnet38_block_counts(keys))
+        heads = {k: v for k, v in normalize_state_dict_keys(state_dict).items() if k in CLASS_HEADS}
+        if not heads:
+            return f"{net} network (blocks {depth_text})"
+        key, head = next(iter(heads.items()))
+        pcm = " with a PCM (SEAM)" if any(k.startswith("pcm.") for k in keys) else ""
+        return f"{head.shape[0]}-channel {net} {CLASS_HEADS[key][0]}{pcm} (blocks {depth_text})"
     if not any(depths):
         shown = ", ".join(keys[:3])
         return f"state dict without ResNet layers (first keys: {shown})"
@@ -223,7 +250,22 @@ def architecture_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     Works on any layout :func:`normalize_state_dict_keys` reads.
     """
     keys = list(normalize_state_dict_keys(state_dict))
+    if _is_resnet38(keys):
+        return "resnet38" if _resnet38_block_counts(keys) == RESNET38_BLOCKS else None
     return KNOWN_DEPTHS.get((_family(keys), _block_counts(keys)))
+
+
+def with_batch_counters(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``given`` plus the BatchNorm ``num_batches_tracked`` counters it lacks (zero), so files saved before PyTorch
+    0.4.1 or converted from MXNet (the ResNet-38 references') load strictly; the counters affect no output."""
+    filled = dict(given)
+    for key, value in expected.items():
+        layer = key.removesuffix("num_batches_tracked")
+        if layer != key and key not in filled and f"{layer}running_mean" in filled:
+            filled[key] = torch.zeros_like(value, device="cpu")
+    return filled
 
 
 def compare_state_dicts(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> KeyMismatch:
@@ -241,6 +283,7 @@ def load_classifier_weights(
     strict: bool = True,
     trusted: bool = False,
     weights_flag: str = "--weights",
+    source_name: str | None = None,
 ) -> KeyMismatch:
     """Load a classifier checkpoint of any known layout into ``model`` (in place).
 
@@ -253,6 +296,7 @@ def load_classifier_weights(
         strict: require every key and shape to match; when False, load the matching tensors and log the rest.
         trusted: allow full unpickling of legacy files (see :func:`read_checkpoint`).
         weights_flag: the flag that chose ``source`` (``--weights``, ``--restore``), named in a mismatch message.
+        source_name: how messages name an in-memory ``source`` (e.g. the file it was read from).
 
     Returns:
         The differences that were skipped (all empty when ``strict``).
@@ -261,7 +305,7 @@ def load_classifier_weights(
         WSSSError: unreadable file, or (strict) a different architecture / class count / key set; the message
             names the checkpoint and the model.
     """
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "(in-memory state dict)"
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source_name or "(in-memory state dict)"
     raw = read_checkpoint(source, trusted=trusted) if isinstance(source, (str, os.PathLike)) else source
     state_dict = normalize_state_dict_keys(unwrap_state_dict(raw, name))
     expected = model.state_dict()
@@ -269,6 +313,7 @@ def load_classifier_weights(
     if auxiliary:
         logger.info("%s: training-only head %s not used by this model", name, ", ".join(auxiliary))
         state_dict = {k: v for k, v in state_dict.items() if k not in auxiliary}
+    state_dict = with_batch_counters(expected, state_dict)
     mismatch = compare_state_dicts(expected, state_dict)
     if mismatch.is_empty():
         model.load_state_dict(state_dict, strict=True)
@@ -321,10 +366,14 @@ def _describe_model(model: nn.Module) -> str:
     kwargs = getattr(model, "model_kwargs", None)
     state_dict = model.state_dict()
     if isinstance(kwargs, Mapping) and "architecture" in kwargs and "num_classes" in kwargs:
-        depths = ",".join(str(d) for d in _block_counts(list(state_dict)))
+        keys = list(state_dict)
+        counts, unit = (
+            (_resnet38_block_counts(keys), "blocks") if _is_resnet38(keys) else (_block_counts(keys), "layers")
+        )
+        depths = ",".join(str(d) for d in counts)
         head = _class_head_key(state_dict)
         kind = CLASS_HEADS[head][0] if head else "network"
-        return f"{kwargs['num_classes']}-class {kwargs['architecture']} {kind} (layers {depths})"
+        return f"{kwargs['num_classes']}-class {kwargs['architecture']} {kind} ({unit} {depths})"
     return describe_state_dict(state_dict)
 
 
@@ -343,6 +392,30 @@ def _stage_to_native(key: str) -> str:
         if pattern.match(key):
             return pattern.sub(replacement, key, count=1)
     return key
+
+
+def _resnet38_to_current(key: str) -> str:
+    if _RESNET38_BACKBONE_KEY.match(key):
+        return "backbone." + key
+    for old, new in _RESNET38_HEADS:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _is_resnet38(keys: list[str]) -> bool:
+    return any(key.startswith("backbone.conv1a.") or key.startswith("conv1a.") for key in keys)
+
+
+def _resnet38_block_counts(keys: list[str]) -> tuple[int, ...]:
+    """Blocks of the groups b2..b7 (the published network: 3, 3, 6, 3, 1, 1)."""
+    counts = [0] * 6
+    for key in keys:
+        match = _RESNET38_BLOCK.search(key)
+        if match:
+            group, index = int(match.group(1)) - 2, int(match.group(2) or 0)
+            counts[group] = max(counts[group], index + 1)
+    return tuple(counts)
 
 
 def _block_counts(keys: list[str]) -> tuple[int, int, int, int]:

@@ -5,6 +5,9 @@ ReLU, map + un-mirrored map; the scales are summed after bilinear resizing to th
 image size (``hr_cam``); only the image's ground-truth classes are kept, each divided by its own maximum. Images whose
 label has no foreground class get no file (``--exclude_bg_images true``, counted in the log). Finished files are
 skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world_size]``.
+The maps are the network's own CAMs: a SEAM checkpoint (``train_seam.py``, or a released SEAM/PPC ResNet-38 ``.pth``
+with ``--architecture resnet38 --mode fix``) is recognised by its PCM weights and gives its PCM-refined maps; an EPS
+checkpoint the foreground channels of its softmax.
 
 Reads:  experiments/models/<weights or tag>.pth; the images and image-level labels of --domain
 Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys, cam, hr_cam; see core/artifacts.py),
