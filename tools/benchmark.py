@@ -24,6 +24,17 @@
     seg        DeepLabV3+ images/s: train (core.segmentation.training's step: CE, momentum SGD of the x1/x10 groups;
                limit: forward + backward of the same network and batch) and inference (multi-scale + flip
                probabilities of one image, core.segmentation.predict; limit: the bare forward passes).
+    pipeline   a projection of the whole pipeline's wall-clock hours on this device (one GPU, or the CPU) for the
+               runners' recipe of --dataset voc12|coco14 (PIPELINE_RECIPES, the defaults of runners/config/*.sh):
+               for every stage in the runners' order, the images of the domains it processes (DOMAIN_IMAGES) x its
+               epochs or passes / the images/s measured here by the benchmarks above at the stage's architecture,
+               crop, batch and scales, summed. Stages: ordinary classifier and P-NOC training, CAM inference,
+               C²AM-H training and inference, saliency-mask CRF, PoolNet training and test, affinity labels,
+               AffinityNet training, random walk (edge map + sparse walk), pseudo masks, DeepLabV3+ training and
+               inference (+ softmax CRF). Marked "projection": true with what it leaves out (data loading,
+               evaluation, checkpoints, start-up); a rate measured once serves all of a stage's domains. The CRF
+               stages count --cpu_workers processes. --architecture / --size / --batch_size replace every stage's,
+               --recipe KEY=VALUE any runner variable, --stages picks a subset.
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -37,6 +48,8 @@ Example:
     python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
     python tools/benchmark.py rw --sizes 188x250,375x500,480x640 --classes 2 --device cpu --threads 2
     python tools/benchmark.py seg --architecture resnet50 --size 320 --batch_size 4 --device cpu
+    python tools/benchmark.py pipeline --dataset voc12 --architecture resnet50 --size 320 --batch_size 4 --device cpu
+    python tools/benchmark.py pipeline --dataset voc12 --device cuda --channels_last   # the recipe itself, AMP on
 """
 
 from __future__ import annotations
