@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import logging
 import os
@@ -1068,9 +1069,8 @@ def pipeline_plan(recipe: dict[str, Any], image_side: int, seg_classes: int) -> 
     infer = {"size": image_side, "batch_size": 1}
 
     def stage(runner: str, what: str, domains: list[str], passes: int, **settings: Any) -> dict[str, Any]:
-        return {"runner": runner, "what": what, "domains": list(dict.fromkeys(domains)), "passes": passes} | {
-            "settings": settings
-        }
+        domains = list(dict.fromkeys(domains))
+        return {"runner": runner, "what": what, "domains": domains, "passes": passes, "settings": settings}
 
     return {
         "oc_train": stage(
@@ -1386,8 +1386,18 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             stage_args.scales = cli.float_list(settings.get("scales", "1.0"))
             folder = Path(tmp) / name
             folder.mkdir()
-            details[name] = measure_stage(name, stage_args, device, fmt, folder)
-            rates[name] = round(details[name].pop("images_per_s"), 3)
+            try:
+                details[name] = measure_stage(name, stage_args, device, fmt, folder)
+            except torch.cuda.OutOfMemoryError as error:
+                raise WSSSError(
+                    f"stage {name} ran out of GPU memory at {settings}; lower its batch or size (--batch_size, "
+                    "--size or --recipe KEY=VALUE) or leave it out of --stages"
+                ) from error
+            finally:
+                gc.collect()  # the stage's networks and batches, before the next one measures
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rates[name] = float(f"{details[name].pop('images_per_s'):.4g}")
             details[name] = settings | details[name]
             logger.info("%s: %.3f images/s", name, rates[name])
     stages, total = project_hours(plan, rates, DOMAIN_IMAGES[args.dataset])
