@@ -1048,7 +1048,8 @@ RECIPE_BATCHES = ("BATCH_OC", "BATCH_PNOC", "BATCH_SAL", "BATCH_PN", "BATCH_AFF"
 PIPELINE_NOT_COUNTED = (
     "data loading (decoding, augmentation, the loaders' workers)",
     "validation and evaluation (threshold sweeps, mIoU)",
-    "checkpoints, logs and the output files of every stage but CAM inference",
+    "checkpoints and logs; reading and writing the stages' files (only CAM inference writes its CAM file and the "
+    "saliency-mask CRF reads and writes its files)",
     "process start-up, model building and weight loading",
 )
 # Stages whose work runs in a pool of CPU processes (WORKERS_INFER): the rate of one process x --cpu_workers.
