@@ -1141,6 +1141,10 @@ def pipeline_plan(recipe: dict[str, Any], image_side: int, seg_classes: int) -> 
 PIPELINE_STAGES = tuple(pipeline_plan(PIPELINE_RECIPES["voc12"], 1, 1))
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def project_hours(
     plan: dict[str, dict[str, Any]], rates: dict[str, float], counts: dict[str, int]
 ) -> tuple[dict[str, dict[str, Any]], float]:
@@ -1160,10 +1164,10 @@ def project_hours(
             "images": images,
             "passes": stage["passes"],
             "images_per_s": rates[name],
-            "hours": round(hours, 3),
+            "hours": _significant(hours),
         }
         total += hours
-    return stages, round(total, 3)
+    return stages, _significant(total)
 
 
 def affinity_train_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -1398,7 +1402,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
                 gc.collect()  # the stage's networks and batches, before the next one measures
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            rates[name] = float(f"{details[name].pop('images_per_s'):.4g}")
+            rates[name] = _significant(details[name].pop("images_per_s"))
             details[name] = settings | details[name]
             logger.info("%s: %.3f images/s", name, rates[name])
     stages, total = project_hours(plan, rates, DOMAIN_IMAGES[args.dataset])
