@@ -3,7 +3,8 @@
 # the evaluation sweep vs plain reading (1,000 VOC-sized CAM files), training steps of the five CAM methods and
 # multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU; the saliency stages (C²AM-H step,
 # C²AM inference, PoolNet step and test at --head_scale 1 and 0.25, the saliency-mask CRF) for resnet18 at 96 and
-# 128 px on the CPU; and, when CUDA is present, ResNeSt-269 at 512 px (C²AM at 448 px) with AMP and channels_last.
+# 128 px on the CPU; and, when CUDA is present, ResNeSt-269 at 512 px (C²AM at 448 px) with AMP and channels_last, and
+# the projection of the whole VOC pipeline's hours (tools/benchmark.py pipeline).
 #   bash runners/benchmark.sh                 # inside an environment with requirements.txt installed
 #   EVAL_N=200 SIZES="128" SAL_SIZES="96" bash runners/benchmark.sh   # a quicker pass
 set -euo pipefail
@@ -44,5 +45,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
     --mixed_precision --channels_last --stages ccam_train,ccam_inference
   bench saliency --architecture resnet50 --size 320 --batch_size 8 --steps 10 --device cuda \
     --mixed_precision --channels_last --stages poolnet_train,poolnet_test
+  # the whole VOC pipeline projected in hours from its stages' rates at the runners' recipe (AMP on)
+  bench pipeline --dataset voc12 --device cuda --channels_last --steps 5 --warmup 2
 fi
 echo "wrote $OUT"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+import commands
 import pytest
 import torch
 
 from core import cli
 from tools import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -108,6 +113,9 @@ def test_evaluate_subcommand_still_runs(capsys):
         (["inference", "--classes", "0", "--device", "cpu"], "--classes must lie in 1..20"),
         (["saliency", "--stages", "crf,magic", "--device", "cpu"], "unknown --stages magic"),
         (["saliency", "--stages", "crf", "--crf_t", "0", "--device", "cpu"], "--crf_t 0"),
+        (["pipeline", "--stages", "oc_train,magic", "--device", "cpu"], "unknown --stages magic"),
+        (["pipeline", "--recipe", "BATCH_NOPE=4", "--device", "cpu"], "--recipe BATCH_NOPE=4: expected KEY=VALUE"),
+        (["pipeline", "--size", "64", "--stages", "affinity_train", "--device", "cpu"], "IMAGE_SIZE_AFF=76"),
     ],
 )
 def test_bad_settings_are_one_line_errors(argv, message, capsys):
@@ -167,3 +175,56 @@ def test_saliency_reports_every_stage_beside_its_limit(capsys):
         assert stage["images_per_s"] > 0 and stage["limit"]["images_per_s"] > 0 and stage["pct_of_limit"] > 0, name
         assert stage["images_per_s"] == pytest.approx(1000 / stage["ms_per_image"], rel=0.01)
         assert stage["limit"]["what"]
+
+
+def test_pipeline_projection_is_images_times_passes_over_the_rate():
+    plan = benchmark.pipeline_plan(benchmark.PIPELINE_RECIPES["voc12"], image_side=432, seg_classes=21)
+    assert tuple(plan) == benchmark.PIPELINE_STAGES  # the runners' order
+    rates = {"oc_train": 50.0, "cam_inference": 10.0, "seg_inference": 2.0}
+    stages, total = benchmark.project_hours(plan, rates, benchmark.DOMAIN_IMAGES["voc12"])
+    assert set(stages) == set(rates)  # a stage without a rate is left out of the sum
+    assert stages["oc_train"]["images"] == 10582 and stages["oc_train"]["passes"] == 15
+    assert stages["oc_train"]["hours"] == pytest.approx(10582 * 15 / 50 / 3600, rel=1e-3)
+    # CAMs of the OC and P-NOC on train (1-priors.sh), of P-NOC on train_aug (2-saliency.sh) and val (3-rw.sh)
+    cams = {"oc@train": 1464, "pnoc@train": 1464, "pnoc@train_aug": 10582, "pnoc@val": 1449}
+    assert stages["cam_inference"]["domains"] == cams
+    assert stages["cam_inference"]["images"] == 1464 * 2 + 10582 + 1449
+    assert stages["seg_inference"]["images"] == 1464 + 1449 + 1456
+    expected = (10582 * 15 / 50 + (1464 * 2 + 10582 + 1449) / 10 + (1464 + 1449 + 1456) / 2) / 3600
+    assert total == pytest.approx(expected, rel=1e-3)
+    coco = benchmark.pipeline_plan(benchmark.PIPELINE_RECIPES["coco14"], image_side=560, seg_classes=81)
+    stages, _ = benchmark.project_hours(coco, {"cam_inference": 1.0}, benchmark.DOMAIN_IMAGES["coco14"])
+    assert stages["cam_inference"]["images"] == 2 * 82081  # train2014 is every runner's domain: inferred once
+
+
+@pytest.mark.parametrize("dataset", sorted(benchmark.PIPELINE_RECIPES))
+def test_pipeline_recipe_matches_the_runner_configs(dataset):
+    recipe = benchmark.PIPELINE_RECIPES[dataset]
+    config = REPO / "runners" / "config"
+    sources = "; ".join(f"source {config / name}.sh" for name in ("dataset", "cam", "saliency", "rw", "segmentation"))
+    script = f'{sources}; for key in {" ".join(recipe)}; do printf "%s=%s\\n" "$key" "${{!key}}"; done'
+    env = {"PATH": os.environ["PATH"], "DATASET": dataset, "REPO": str(REPO)}  # no overrides from this shell
+    done = commands.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=True)
+    shell = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    for key, value in recipe.items():
+        same = float(shell[key]) == value if isinstance(value, (int, float)) else shell[key] == value
+        assert same, f"{key}: benchmark.py has {value!r}, runners/config has {shell[key]!r}"
+
+
+def test_pipeline_tiny_run_prints_a_projection(capsys):
+    result = run_json(
+        ["pipeline", "--architecture", "resnet18", "--size", "64", "--batch_size", "2", "--steps", "1"]
+        + ["--warmup", "0", "--stages", "oc_train,cam_inference,pseudo_masks", "--cpu_workers", "2"]
+        + ["--device", "cpu", "--threads", "1"],
+        capsys,
+    )
+    assert result["benchmark"] == "pipeline" and result["projection"] is True and result["not_counted"]
+    assert list(result["stages"]) == ["oc_train", "cam_inference", "pseudo_masks"]
+    assert "affinity_train" in result["stages_left_out"]
+    assert result["recipe_changes"]["ARCH"] == "resnet18" and result["recipe_changes"]["BATCH_OC"] == 2
+    for name, stage in result["stages"].items():
+        assert stage["hours"] > 0 and stage["images_per_s"] > 0, name
+        assert stage["hours"] == pytest.approx(stage["images"] * stage["passes"] / stage["images_per_s"] / 3600, 1e-3)
+    pseudo = result["stages"]["pseudo_masks"]
+    assert pseudo["images_per_s"] == pytest.approx(2 * pseudo["per_process_images_per_s"], rel=1e-2)
+    assert result["total_hours"] == pytest.approx(sum(s["hours"] for s in result["stages"].values()), rel=1e-3)

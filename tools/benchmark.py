@@ -24,6 +24,17 @@
     seg        DeepLabV3+ images/s: train (core.segmentation.training's step: CE, momentum SGD of the x1/x10 groups;
                limit: forward + backward of the same network and batch) and inference (multi-scale + flip
                probabilities of one image, core.segmentation.predict; limit: the bare forward passes).
+    pipeline   a projection of the whole pipeline's wall-clock hours on this device (one GPU, or the CPU) for the
+               runners' recipe of --dataset voc12|coco14 (PIPELINE_RECIPES, the defaults of runners/config/*.sh):
+               for every stage in the runners' order, the images of the domains it processes (DOMAIN_IMAGES) x its
+               epochs or passes / the images/s measured here by the benchmarks above at the stage's architecture,
+               crop, batch and scales, summed. Stages: ordinary classifier and P-NOC training, CAM inference,
+               C²AM-H training and inference, saliency-mask CRF, PoolNet training and test, affinity labels,
+               AffinityNet training, random walk (edge map + sparse walk), pseudo masks, DeepLabV3+ training and
+               inference (+ softmax CRF). Marked "projection": true with what it leaves out (data loading,
+               evaluation, checkpoints, start-up); a rate measured once serves all of a stage's domains. The CRF
+               stages count --cpu_workers processes. --architecture / --size / --batch_size replace every stage's,
+               --recipe KEY=VALUE any runner variable, --stages picks a subset.
 
 Reads:  nothing (data are generated in a temporary folder or in memory)
 Writes: one JSON object on stdout, e.g. {"read_s": 4.1, "sweep_s": 5.3, "ratio": 1.29, ...}
@@ -37,12 +48,15 @@ Example:
     python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
     python tools/benchmark.py rw --sizes 188x250,375x500,480x640 --classes 2 --device cpu --threads 2
     python tools/benchmark.py seg --architecture resnet50 --size 320 --batch_size 4 --device cpu
+    python tools/benchmark.py pipeline --dataset voc12 --architecture resnet50 --size 320 --batch_size 4 --device cpu
+    python tools/benchmark.py pipeline --dataset voc12 --device cuda --channels_last   # the recipe itself, AMP on
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import logging
 import os
@@ -66,19 +80,23 @@ from core.cam.occse import LabelSplitter
 from core.ccam import training as ccam_training
 from core.ccam.network import CCAM
 from core.ccam.saliency_masks import SaliencyMaskJob, write_saliency_masks
-from core.crf import crf_inference_labels
+from core.crf import crf_inference_labels, crf_inference_probs
 from core.datasets import VOC_CLASSES, build_source
 from core.distributed import DEVICES, resolve_device
 from core.engine import TrainContext, add_training_args
 from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
-from core.labels import compact_labels
+from core.labels import IGNORE_INDEX, compact_labels, pseudo_mask
 from core.models import BACKBONES, Classifier, SubcategoryClassifier
 from core.optim import build_optimizer, build_param_groups
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import detached_run
+from core.rw import losses as rw_losses
+from core.rw import training as rw_training
 from core.rw import walk as rw_walk
+from core.rw.labels import affinity_labels
+from core.rw.network import EDGE_STRIDE, AffinityNet
 from core.segmentation import training as seg_training
 from core.segmentation.predict import multiscale_probs
 from poolnet import test as poolnet_test
@@ -124,6 +142,11 @@ def _random_cams(rng: np.random.Generator, n: int, height: int, width: int) -> n
     cols = np.linspace(0, coarse.shape[2] - 1, width).astype(np.int64)
     cams = coarse[:, rows][:, :, cols] * rng.random((n, height, width), dtype=np.float32) ** 0.1
     return cams / cams.max(axis=(1, 2), keepdims=True)
+
+
+def _smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: smooth random colours (a CRF's cost depends on the image; noise would inflate it)."""
+    return (255 * _random_cams(rng, 3, size, size)).astype(np.uint8).transpose(1, 2, 0)
 
 
 def custom_layout(root: Path, n: int) -> list[str]:
@@ -485,11 +508,12 @@ def _scale_batches(image: np.ndarray, scales: list[float], fmt: ComputeFormat, d
     return batches
 
 
-def run_inference(args: argparse.Namespace) -> dict[str, Any]:
-    if not 1 <= args.classes <= BENCH_CLASSES:
-        raise WSSSError(f"--classes must lie in 1..{BENCH_CLASSES}, got {args.classes}")
-    device = _setup_torch(args)
-    fmt = _compute(args, device)
+def cam_inference_bench(
+    args: argparse.Namespace, device: torch.device, fmt: ComputeFormat, folder: Path
+) -> dict[str, Callable[[], Any]]:
+    """CAM inference of one random ``--size`` square image with ``--classes`` GT classes: ``cams`` (multi-scale +
+    flip, :func:`core.cam.cams.multiscale_cams`), ``file`` (the same plus :func:`save_cam` into ``folder``) and
+    ``limit`` (the forward passes of the same scales and flips on prepared batches, nothing else)."""
     model = _inference_model(args, device, fmt)
     rng = np.random.default_rng(args.seed)
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
@@ -512,13 +536,16 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
             for batch in batches:
                 model(batch, with_cam=True)
 
+    return {"limit": forwards, "cams": cams, "file": lambda: save_cam(folder / "cam.npz", *cams())}
+
+
+def run_inference(args: argparse.Namespace) -> dict[str, Any]:
+    if not 1 <= args.classes <= BENCH_CLASSES:
+        raise WSSSError(f"--classes must lie in 1..{BENCH_CLASSES}, got {args.classes}")
+    device = _setup_torch(args)
+    fmt = _compute(args, device)
     with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
-        seconds = _interleaved(
-            {"limit": forwards, "cams": cams, "file": lambda: save_cam(Path(tmp) / "cam.npz", *cams())},
-            args.images,
-            args.warmup,
-            device,
-        )
+        seconds = _interleaved(cam_inference_bench(args, device, fmt, Path(tmp)), args.images, args.warmup, device)
     return {
         "benchmark": "inference",
         "architecture": args.architecture,
@@ -684,7 +711,7 @@ def generate_saliency_data(root: Path, n: int, size: int, seed: int) -> tuple[An
     cam_dir = root / "cams"
     strided = strided_size(size, size)
     for image_id in ids:
-        image = (255 * _random_cams(rng, 3, size, size)).astype(np.uint8).transpose(1, 2, 0)
+        image = _smooth_image(rng, size)
         Image.fromarray(image).save(root / "images" / f"{image_id}.png")
         hr_cam = _random_cams(rng, 1, size, size)
         save_cam(cam_path(cam_dir, image_id), np.array([1]), hr_cam[:, ::4, ::4][:, : strided[0], : strided[1]], hr_cam)
@@ -973,6 +1000,438 @@ def run_seg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# pipeline: a projection of the whole pipeline's hours from the rates of the benchmarks above
+# --------------------------------------------------------------------------------------------------------------------
+
+# Images per domain. VOC: the id lists (SPEC §1.2; tools/prepare_voc12.py checks train, val and train_aug).
+# COCO 2014: the images with at least one object, the ones the classification stages train on (SPEC §1.2's lists
+# hold 82,783 / 40,504 ids; tools/prepare_coco14.py keeps the background-only ones listed, the datasets skip them).
+DOMAIN_IMAGES: dict[str, dict[str, int]] = {
+    "voc12": {"train_aug": 10582, "train": 1464, "val": 1449, "test": 1456},
+    "coco14": {"train2014": 82081, "val2014": 40137},
+}
+# Inference stages see whole images: a typical one (VOC 375x500, COCO 480x640) as a square of the same area.
+IMAGE_SIDE = {"voc12": 432, "coco14": 560}
+SEG_CLASSES_OF = {"voc12": 21, "coco14": 81}  # the softmax CRF of DeepLabV3+'s inference runs over every class
+
+# The runners' recipes: the defaults of runners/config/{dataset,cam,saliency,rw,segmentation}.sh, under the shell
+# variables' names (tests/test_benchmark.py sources those files and compares: change both together). P-NOC trains
+# for EPOCHS (1-priors.sh's EPOCHS_PNOC default).
+_VOC_RECIPE: dict[str, Any] = {
+    # dataset.sh, cam.sh
+    "DOMAIN_TRAIN": "train_aug", "DOMAIN_VALID": "train", "ARCH": "resnest269", "IMAGE_SIZE": 512, "EPOCHS": 15,
+    "BATCH_OC": 32, "BATCH_PNOC": 16, "MIXED_PRECISION": "true", "SCALES": "0.5,1.0,1.5,2.0",
+    # saliency.sh
+    "SAL_DOMAIN": "train_aug", "ARCH_SAL": "resnest269", "IMAGE_SIZE_SAL": 448, "EPOCHS_SAL": 10, "BATCH_SAL": 64,
+    "CRF_T": 10, "CRF_GT": 0.7, "ARCH_PN": "resnet50", "EPOCHS_PN": 9, "BATCH_PN": 1, "HEAD_SCALE_PN": 1,
+    # rw.sh
+    "AFF_DOMAIN": "train_aug", "AFF_FG": 0.4, "AFF_BG": 0.1, "AFF_CRF_T": 10, "AFF_CRF_GT": 0.7,
+    "AFF_SALIENCY": "true", "ARCH_AFF": "resnest269", "EPOCHS_AFF": 3, "BATCH_AFF": 32, "IMAGE_SIZE_AFF": 512,
+    "RW_DOMAINS": "train_aug val", "RW_BETA": 10, "RW_EXP": 8, "PSEUDO_DOMAINS": "train_aug,val", "PSEUDO_T": 0.3,
+    "PSEUDO_CRF_T": 1, "PSEUDO_CRF_GT": 0.9,
+    # segmentation.sh
+    "ARCH_SEG": "resnest269", "USE_GN": "true", "EPOCHS_SEG": 15, "BATCH_SEG": 32, "IMAGE_SIZE_SEG": 512,
+    "DOMAIN_TRAIN_SEG": "train_aug", "SEG_DOMAINS": "train val test", "SEG_SCALES": "0.5,1.0,1.5,2.0", "SEG_CRF_T": 10,
+}  # fmt: skip
+PIPELINE_RECIPES: dict[str, dict[str, Any]] = {
+    "voc12": _VOC_RECIPE,
+    "coco14": _VOC_RECIPE | {
+        "DOMAIN_TRAIN": "train2014", "DOMAIN_VALID": "train2014", "IMAGE_SIZE": 640, "SAL_DOMAIN": "train2014",
+        "AFF_DOMAIN": "train2014", "RW_DOMAINS": "train2014", "PSEUDO_DOMAINS": "train2014", "IMAGE_SIZE_SEG": 640,
+        "DOMAIN_TRAIN_SEG": "train2014", "SEG_DOMAINS": "val2014",
+    },
+}  # fmt: skip
+# What --architecture, --size and --batch_size replace in every stage.
+RECIPE_ARCHITECTURES = ("ARCH", "ARCH_SAL", "ARCH_PN", "ARCH_AFF", "ARCH_SEG")
+RECIPE_SIZES = ("IMAGE_SIZE", "IMAGE_SIZE_SAL", "IMAGE_SIZE_AFF", "IMAGE_SIZE_SEG")
+RECIPE_BATCHES = ("BATCH_OC", "BATCH_PNOC", "BATCH_SAL", "BATCH_PN", "BATCH_AFF", "BATCH_SEG")
+PIPELINE_NOT_COUNTED = (
+    "data loading (decoding, augmentation, the loaders' workers)",
+    "validation and evaluation (threshold sweeps, mIoU)",
+    "checkpoints and logs; reading and writing the stages' files (only CAM inference writes its CAM file and the "
+    "saliency-mask CRF reads and writes its files)",
+    "process start-up, model building and weight loading",
+)
+# Stages whose work runs in a pool of CPU processes (WORKERS_INFER): the rate of one process x --cpu_workers.
+POOL_STAGES = ("saliency_crf", "affinity_labels", "pseudo_masks")
+
+
+def _domains(value: str) -> list[str]:
+    return value.replace(",", " ").split()
+
+
+def pipeline_plan(recipe: dict[str, Any], image_side: int, seg_classes: int) -> dict[str, dict[str, Any]]:
+    """Every stage of the runners in their order: the runner, what it runs, the domains it processes (``tag@domain``
+    where a stage runs for several networks), the passes over them, and the settings its benchmark measures."""
+    r = recipe
+    sal_domains = list(dict.fromkeys([r["SAL_DOMAIN"], r["DOMAIN_VALID"]]))  # 2-saliency.sh's domains
+    cam_domains = [f"oc@{r['DOMAIN_VALID']}", f"pnoc@{r['DOMAIN_VALID']}", f"pnoc@{r['SAL_DOMAIN']}"]
+    cam_domains += [f"pnoc@{d}" for d in _domains(r["RW_DOMAINS"])]  # a folder already made is skipped (resume)
+    infer = {"size": image_side, "batch_size": 1}
+
+    def stage(runner: str, what: str, domains: list[str], passes: int, **settings: Any) -> dict[str, Any]:
+        domains = list(dict.fromkeys(domains))
+        return {"runner": runner, "what": what, "domains": domains, "passes": passes, "settings": settings}
+
+    return {
+        "oc_train": stage(
+            "1-priors.sh", "ordinary classifier, vanilla step", [r["DOMAIN_TRAIN"]], r["EPOCHS"],
+            architecture=r["ARCH"], size=r["IMAGE_SIZE"], batch_size=r["BATCH_OC"],
+        ),
+        "pnoc_train": stage(
+            "1-priors.sh", "P-NOC step (CAM generator + ordinary classifier)", [r["DOMAIN_TRAIN"]], r["EPOCHS"],
+            architecture=r["ARCH"], size=r["IMAGE_SIZE"], batch_size=r["BATCH_PNOC"],
+        ),
+        "cam_inference": stage(
+            "1-priors.sh, 2-saliency.sh, 3-rw.sh", "multi-scale + flip CAMs and their file", cam_domains, 1,
+            architecture=r["ARCH"], scales=r["SCALES"], **infer,
+        ),
+        "ccamh_train": stage(
+            "2-saliency.sh", "C²AM-H step", [r["SAL_DOMAIN"]], r["EPOCHS_SAL"],
+            architecture=r["ARCH_SAL"], size=r["IMAGE_SIZE_SAL"], batch_size=r["BATCH_SAL"],
+        ),
+        "ccamh_inference": stage(
+            "2-saliency.sh", "C²AM-H multi-scale + flip maps", sal_domains, 1,
+            architecture=r["ARCH_SAL"], scales=r["SCALES"], **infer,
+        ),
+        "saliency_crf": stage(
+            "2-saliency.sh", "saliency masks: read, threshold, 2-label CRF, write", sal_domains, 1,
+            crf_t=r["CRF_T"], **infer,
+        ),
+        "poolnet_train": stage(
+            "2-saliency.sh", "PoolNet step on whole images", [r["SAL_DOMAIN"]], r["EPOCHS_PN"],
+            architecture=r["ARCH_PN"], size=image_side, batch_size=r["BATCH_PN"], head_scale=r["HEAD_SCALE_PN"],
+        ),
+        "poolnet_test": stage(
+            "2-saliency.sh", "PoolNet test (poolnet/test.py's batch)", sal_domains, 1,
+            architecture=r["ARCH_PN"], size=image_side, head_scale=r["HEAD_SCALE_PN"],
+            batch_size=poolnet_test.get_args_parser().get_default("batch_size"),
+        ),
+        "affinity_labels": stage(
+            "3-rw.sh", "affinity labels from CAMs and saliency, label CRFs (in memory)", [r["AFF_DOMAIN"]], 1,
+            crf_t=r["AFF_CRF_T"], crf_gt_prob=r["AFF_CRF_GT"], fg=r["AFF_FG"], bg=r["AFF_BG"],
+            saliency=r["AFF_SALIENCY"] == "true", **infer,
+        ),
+        "affinity_train": stage(
+            "3-rw.sh", "AffinityNet step (frozen backbone, edge branch, affinity loss)", [r["AFF_DOMAIN"]],
+            r["EPOCHS_AFF"], architecture=r["ARCH_AFF"], size=r["IMAGE_SIZE_AFF"], batch_size=r["BATCH_AFF"],
+        ),
+        "random_walk": stage(
+            "3-rw.sh", "edge map (image + mirror) and the sparse walk", _domains(r["RW_DOMAINS"]), 1,
+            architecture=r["ARCH_AFF"], pad_size=r["IMAGE_SIZE_AFF"], beta=r["RW_BETA"], exp_times=r["RW_EXP"],
+            **infer,
+        ),
+        "pseudo_masks": stage(
+            "3-rw.sh", "pseudo masks: threshold, label CRF (in memory)", _domains(r["PSEUDO_DOMAINS"]), 1,
+            threshold=r["PSEUDO_T"], crf_t=r["PSEUDO_CRF_T"], crf_gt_prob=r["PSEUDO_CRF_GT"], **infer,
+        ),
+        "seg_train": stage(
+            "4-segmentation.sh", "DeepLabV3+ step", [r["DOMAIN_TRAIN_SEG"]], r["EPOCHS_SEG"],
+            architecture=r["ARCH_SEG"], size=r["IMAGE_SIZE_SEG"], batch_size=r["BATCH_SEG"],
+            use_gn=r["USE_GN"] == "true",
+        ),
+        "seg_inference": stage(
+            "4-segmentation.sh", "DeepLabV3+ multi-scale + flip probabilities, then the softmax CRF",
+            _domains(r["SEG_DOMAINS"]), 1, architecture=r["ARCH_SEG"], scales=r["SEG_SCALES"],
+            use_gn=r["USE_GN"] == "true", crf_t=r["SEG_CRF_T"], classes=seg_classes, **infer,
+        ),
+    }  # fmt: skip
+
+
+PIPELINE_STAGES = tuple(pipeline_plan(PIPELINE_RECIPES["voc12"], 1, 1))
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def project_hours(
+    plan: dict[str, dict[str, Any]], rates: dict[str, float], counts: dict[str, int]
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Hours of each stage of ``plan`` that has a rate: images (of its domains, ``counts`` by the part after the last
+    ``@``) x passes / images per second / 3600; returns the stages' breakdowns and their sum."""
+    stages, total = {}, 0.0
+    for name, stage in plan.items():
+        if name not in rates:
+            continue
+        domains = {domain: counts[domain.rsplit("@", 1)[-1]] for domain in stage["domains"]}
+        images = sum(domains.values())
+        hours = images * stage["passes"] / rates[name] / 3600
+        stages[name] = {
+            "runner": stage["runner"],
+            "what": stage["what"],
+            "domains": domains,
+            "images": images,
+            "passes": stage["passes"],
+            "images_per_s": rates[name],
+            "hours": _significant(hours),
+        }
+        total += hours
+    return stages, _significant(total)
+
+
+def affinity_train_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    """AffinityNet's training step (:func:`core.rw.training.make_step_fn`: the frozen backbone's forward, the edge
+    branch's forward and backward, the three-term affinity loss, the SGD step of the edge branch) on random images
+    and stride-4 affinity labels (0, two classes, 255); limit: forward + backward of the same AffinityNet."""
+    flags = rw_training.get_args_parser("benchmark", "").parse_args([])
+    flags.architecture, flags.backbone_weights = args.architecture, "none"
+    flags.batch_size, flags.max_epoch, flags.mixed_precision = args.batch_size, 1, bool(args.mixed_precision)
+    ctx = bench_context(args, flags, device)
+    rw_training.add_network(ctx, flags)
+    generator = torch.Generator().manual_seed(args.seed)
+    grid = -(-args.size // EDGE_STRIDE)
+    values = torch.tensor([0, 1, 2, IGNORE_INDEX])
+    batch = {
+        "image": torch.randn(args.batch_size, 3, args.size, args.size, generator=generator),
+        "labels": values[torch.randint(0, len(values), (args.batch_size, grid, grid), generator=generator)],
+    }
+    step = engine_step(rw_training.make_step_fn(), ctx, batch)
+    return {"stage": step, "limit": forward_backward(ctx, AffinityNet(args.architecture), batch["image"])}
+
+
+def random_walk_bench(args: argparse.Namespace, device: torch.device, fmt: ComputeFormat) -> Callable[[], None]:
+    """One image of scripts/rw/inference.py: the boundary map of the image and its mirror (padded to --pad_size,
+    AffinityNet.edge_map) and the sparse random walk (core.rw.walk) of two random stride-4 CAM planes."""
+    model = AffinityNet(args.architecture).to(device).eval()
+    model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
+    generator = torch.Generator().manual_seed(args.seed)
+    image = torch.randn(3, args.size, args.size, generator=generator).to(device)
+    cams = torch.rand(2, *strided_size(args.size, args.size), generator=generator).to(device)
+
+    def walk() -> None:
+        with fmt.autocast():
+            edge = model.edge_map(image, pad_size=args.pad_size)
+        rw_walk.random_walk(cams, edge, args.beta, args.exp_times).cpu()
+
+    return walk
+
+
+def label_crf_bench(args: argparse.Namespace, stage: str) -> Callable[[], None]:
+    """The label map of one image in memory: affinity labels (core.rw.labels.affinity_labels: CAMs, saliency and
+    label CRFs) or a pseudo mask (core.labels.pseudo_mask: threshold and label CRF), on a smooth random image with two
+    CAM planes; reading and writing the files is not timed."""
+    rng = np.random.default_rng(args.seed)
+    image = _smooth_image(rng, args.size)
+    hr_cam, keys = _random_cams(rng, 2, args.size, args.size), np.array([1, 2])
+    if stage == "affinity_labels":
+        saliency = _random_cams(rng, 1, args.size, args.size)[0] if args.saliency else None
+        return lambda: affinity_labels(
+            hr_cam,
+            keys,
+            args.fg,
+            args.bg,
+            saliency=saliency,
+            image=image,
+            crf_t=args.crf_t,
+            crf_gt_prob=args.crf_gt_prob,
+        )
+    return lambda: pseudo_mask(
+        hr_cam, keys, args.threshold, image=image, crf_t=args.crf_t, crf_gt_prob=args.crf_gt_prob
+    )
+
+
+def seg_crf_bench(args: argparse.Namespace) -> Callable[[], None]:
+    """The DeepLab-v2 softmax CRF (core.crf.crf_inference_probs, --crf_t iterations) of one image's probabilities
+    over ``--classes`` classes, as scripts/segmentation/inference.py runs it after the forward passes."""
+    rng = np.random.default_rng(args.seed)
+    image = _smooth_image(rng, args.size)
+    scores = _random_cams(rng, args.classes, args.size, args.size)
+    probs = scores / scores.sum(axis=0, keepdims=True)
+    return lambda: crf_inference_probs(image, probs, t=args.crf_t)
+
+
+def _stage_fn(
+    name: str, args: argparse.Namespace, device: torch.device, fmt: ComputeFormat, folder: Path
+) -> tuple[Callable[[], Any], int]:
+    """The timed call of one pipeline stage at its settings (``args``) and the images it processes."""
+    if name in ("oc_train", "pnoc_train"):
+        method = "vanilla" if name == "oc_train" else "pnoc"
+        if method == "pnoc" and args.size % (2 * 16):
+            raise WSSSError(f"P-NOC at --size {args.size}: Puzzle tiling needs a multiple of 32; pass another --size")
+        return build_train_step(method, args, device)[0], args.batch_size
+    if name == "affinity_train" and args.size < rw_training.smallest_crop():
+        raise WSSSError(
+            f"AffinityNet at --size {args.size}: pairs of radius {rw_losses.TRAIN_RADIUS} need a crop of at least "
+            f"{rw_training.smallest_crop()} px; pass --recipe IMAGE_SIZE_AFF={rw_training.smallest_crop()} or more"
+        )
+    builders: dict[str, Callable[[], tuple[Callable[[], Any], int]]] = {
+        "cam_inference": lambda: (cam_inference_bench(args, device, fmt, folder)["file"], 1),
+        "ccamh_train": lambda: (ccam_train_bench(args, device)["stage"], args.batch_size),
+        "ccamh_inference": lambda: (ccam_inference_bench(args, device, fmt)["stage"], 1),
+        "saliency_crf": lambda: (crf_bench(args, folder)["stage"], args.crf_images),
+        "poolnet_train": lambda: (poolnet_train_bench(args, device)["stage"], args.batch_size),
+        "poolnet_test": lambda: (poolnet_test_bench(args, device, fmt)["stage"], args.batch_size),
+        "affinity_labels": lambda: (label_crf_bench(args, name), 1),
+        "affinity_train": lambda: (affinity_train_bench(args, device)["stage"], args.batch_size),
+        "random_walk": lambda: (random_walk_bench(args, device, fmt), 1),
+        "pseudo_masks": lambda: (label_crf_bench(args, name), 1),
+        "seg_train": lambda: (seg_train_bench(args, device)["stage"], args.batch_size),
+    }
+    return builders[name]()
+
+
+def measure_stage(
+    name: str, args: argparse.Namespace, device: torch.device, fmt: ComputeFormat, folder: Path
+) -> dict[str, Any]:
+    """Images per second of one pipeline stage at its settings (``args``): the median call of its benchmark.
+    Pool stages: one process's rate x ``--cpu_workers``. DeepLabV3+ inference: the forward passes, then the CRF."""
+
+    def rate(fn: Callable[[], Any], images: int) -> float:
+        return images / _interleaved({"stage": fn}, args.steps, args.warmup, device)["stage"]
+
+    if name == "seg_inference":
+        probs_rate = rate(seg_inference_bench(args, device, fmt)["stage"], 1)
+        crf_rate = rate(seg_crf_bench(args), 1) if args.crf_t > 0 else float("inf")
+        return {
+            "images_per_s": 1 / (1 / probs_rate + 1 / crf_rate),
+            "probs_ms_per_image": round(1000 / probs_rate, 1),
+            "crf_ms_per_image": round(1000 / crf_rate, 1),
+        }
+    images_per_s = rate(*_stage_fn(name, args, device, fmt, folder))
+    if name in POOL_STAGES:
+        return {"images_per_s": images_per_s * args.cpu_workers, "per_process_images_per_s": round(images_per_s, 3)}
+    return {"images_per_s": images_per_s}
+
+
+def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    cli.add_arg(parser, "--dataset", type=str, default="voc12", choices=list(PIPELINE_RECIPES), help="runner recipe")
+    cli.add_arg(parser, "--architecture", type=str, default=None, choices=list(BACKBONES), help="every stage's network")
+    cli.add_arg(parser, "--size", type=cli.positive_int, default=None, help="every stage's crop and image side (px)")
+    cli.add_arg(parser, "--batch_size", type=cli.positive_int, default=None, help="every training stage's batch")
+    cli.add_arg(
+        parser,
+        "--image_side",
+        type=cli.positive_int,
+        default=None,
+        help="side of the square image the inference stages see (default: --size, else VOC 432 / COCO 560, the "
+        "area of a 375x500 / 480x640 image)",
+    )
+    cli.add_arg(
+        parser,
+        "--recipe",
+        type=cli.str_list,
+        default=[],
+        help="runner variables to change after the options above, e.g. BATCH_SAL=16,ARCH_PN=resnet18,EPOCHS=5",
+    )
+    cli.add_arg(
+        parser,
+        "--stages",
+        type=cli.str_list,
+        default=list(PIPELINE_STAGES),
+        help=f"subset of {','.join(PIPELINE_STAGES)}",
+    )
+    cli.add_arg(parser, "--steps", type=cli.positive_int, default=3, help="timed calls per stage (default 3)")
+    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    cli.add_arg(
+        parser,
+        "--cpu_workers",
+        type=cli.positive_int,
+        default=default_num_workers(),
+        help="processes of the CRF stages (the runners' WORKERS_INFER, 8, capped by the CPUs here)",
+    )
+    cli.add_arg(parser, "--device", type=str, default="auto", choices=DEVICES, help="auto = cuda when available")
+    cli.add_arg(
+        parser,
+        "--mixed_precision",
+        type=cli.str2bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="true|false",
+        help="autocast as the scripts do (default: the recipe's MIXED_PRECISION on CUDA, false on the CPU)",
+    )
+    cli.add_arg(
+        parser,
+        "--channels_last",
+        type=cli.str2bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="true|false",
+        help="channels-last memory format (default: core.precision's rule for the device and dtype)",
+    )
+    cli.add_arg(parser, "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    cli.add_arg(parser, "--seed", type=int, default=0, help="random seed of weights and data")
+
+
+def pipeline_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset's recipe with --architecture, --size, --batch_size, then --recipe KEY=VALUE applied."""
+    recipe = dict(PIPELINE_RECIPES[args.dataset])
+    for keys, value in ((RECIPE_ARCHITECTURES, args.architecture), (RECIPE_SIZES, args.size)):
+        recipe |= dict.fromkeys(keys, value) if value is not None else {}
+    recipe |= dict.fromkeys(RECIPE_BATCHES, args.batch_size) if args.batch_size is not None else {}
+    for item in args.recipe:
+        key, _, value = item.partition("=")
+        if key not in recipe or not value:
+            raise WSSSError(f"--recipe {item}: expected KEY=VALUE with KEY one of {','.join(recipe)}")
+        old = recipe[key]
+        recipe[key] = type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else value
+    return recipe
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    unknown = sorted(set(args.stages) - set(PIPELINE_STAGES))
+    if unknown:
+        raise WSSSError(f"unknown --stages {','.join(unknown)}; choose from {','.join(PIPELINE_STAGES)}")
+    recipe = pipeline_recipe(args)
+    image_side = args.image_side or args.size or IMAGE_SIDE[args.dataset]
+    plan = pipeline_plan(recipe, image_side, SEG_CLASSES_OF[args.dataset])
+    device = _setup_torch(args)
+    if args.mixed_precision is None:
+        args.mixed_precision = device.type == "cuda" and recipe["MIXED_PRECISION"] == "true"
+    fmt = _compute(args, device)
+    rates, details = {}, {}
+    with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
+        for name in (stage for stage in plan if stage in args.stages):  # the runners' order
+            settings = plan[name]["settings"]
+            stage_args = argparse.Namespace(
+                **{**vars(args), "classes": 2, "crf_images": 1, "dilated": False, **settings}
+            )
+            stage_args.scales = cli.float_list(settings.get("scales", "1.0"))
+            folder = Path(tmp) / name
+            folder.mkdir()
+            try:
+                details[name] = measure_stage(name, stage_args, device, fmt, folder)
+            except torch.cuda.OutOfMemoryError as error:
+                raise WSSSError(
+                    f"stage {name} ran out of GPU memory at {settings}; lower its batch or size (--batch_size, "
+                    "--size or --recipe KEY=VALUE) or leave it out of --stages"
+                ) from error
+            finally:
+                gc.collect()  # the stage's networks and batches, before the next one measures
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rates[name] = _significant(details[name].pop("images_per_s"))
+            details[name] = settings | details[name]
+            logger.info("%s: %.3f images/s", name, rates[name])
+    stages, total = project_hours(plan, rates, DOMAIN_IMAGES[args.dataset])
+    for name, stage in stages.items():
+        stage |= details[name]
+        if len(stage["domains"]) > 1:
+            stage["note"] = "one rate, measured once, applied to every domain"
+    return {
+        "benchmark": "pipeline",
+        "projection": True,
+        "dataset": args.dataset,
+        "what": "hours of each runner stage on this device: images x passes / the images/s measured here",
+        "not_counted": list(PIPELINE_NOT_COUNTED),
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "channels_last": fmt.channels_last,
+        "threads": torch.get_num_threads(),
+        "cpu_workers": args.cpu_workers,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "recipe_changes": {k: v for k, v in recipe.items() if PIPELINE_RECIPES[args.dataset][k] != v},
+        "stages": stages,
+        "stages_left_out": [name for name in plan if name not in stages],
+        "total_hours": total,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -984,6 +1443,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "saliency": (add_saliency_args, run_saliency),
     "rw": (add_rw_args, run_rw),
     "seg": (add_seg_args, run_seg),
+    "pipeline": (add_pipeline_args, run_pipeline),
 }
 
 
