@@ -53,6 +53,19 @@ def _side_output(in_channels: int, upsample: float = 1.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def staged_backbone(architecture: str, network: str, choices: str, **build_kwargs: Any) -> tuple[nn.Module, tuple]:
+    """``build_backbone(architecture, **build_kwargs)`` and its five feature widths (stem, four stages); a backbone
+    without them (a ViT) is one line naming ``network`` and the ``choices`` of --architecture that work."""
+    backbone = build_backbone(architecture, **build_kwargs)
+    channels = getattr(backbone, "stage_channels", None)
+    if channels is None or len(channels) != 5:
+        raise WSSSError(
+            f"{network} needs a backbone with a stem and four stages; {architecture} has none "
+            f"(pick a {choices} --architecture)"
+        )
+    return backbone, tuple(channels)
+
+
 class AffinityNet(nn.Module):
     """Class-boundary network: edge logits at stride 4 from the side outputs of a frozen backbone.
 
@@ -79,20 +92,16 @@ class AffinityNet(nn.Module):
         scratch_init: str = DEFAULT_SCRATCH_INIT,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(
+        self.backbone, channels = staged_backbone(
             architecture,
+            "AffinityNet",
+            "resnet* or resnest*",
             weights=backbone_weights,
             dilated=dilated,
             mode=mode,
             trainable_backbone=False,
             scratch_init=scratch_init,
         )
-        channels = getattr(self.backbone, "stage_channels", None)
-        if channels is None or len(channels) != 5:
-            raise WSSSError(
-                f"AffinityNet needs a ResNet/ResNeSt backbone with a stem and four stages; {architecture} has none "
-                "(pick a resnet* or resnest* --architecture)"
-            )
         stem, c1, c2, c3, c4 = channels
         layer3_stride = 8 if dilated else 16
         self.fc_edge1 = _side_output(stem)

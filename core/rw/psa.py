@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import WSSSError
-from core.models import build_backbone, describe_state_dict, group_parameters, read_checkpoint
+from core.models import describe_state_dict, group_parameters, read_checkpoint
 from core.models.compat import architecture_of, compare_state_dicts, normalize_state_dict_keys, unwrap_state_dict
 from core.models.initialization import DEFAULT_SCRATCH_INIT
+from core.rw.network import staged_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,16 @@ class PsaAffinityNet(nn.Module):
         scratch_init: str = DEFAULT_SCRATCH_INIT,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(
+        self.backbone, channels = staged_backbone(
             architecture,
+            "the PSA AffinityNet",
+            "resnet*, resnest* or resnet38",
             weights=backbone_weights,
             dilated=dilated,
             mode=mode,
             trainable_stem=False,
             scratch_init=scratch_init,
         )
-        channels = getattr(self.backbone, "stage_channels", None)
-        if channels is None or len(channels) != 5:
-            raise WSSSError(
-                f"the PSA AffinityNet needs a backbone with a stem and four stages; {architecture} has none "
-                "(pick a resnet*, resnest* or resnet38 --architecture)"
-            )
         self.f8_3 = nn.Conv2d(channels[2], LEVEL_CHANNELS[0], kernel_size=1, bias=False)
         self.f8_4 = nn.Conv2d(channels[3], LEVEL_CHANNELS[1], kernel_size=1, bias=False)
         self.f8_5 = nn.Conv2d(channels[4], LEVEL_CHANNELS[2], kernel_size=1, bias=False)
