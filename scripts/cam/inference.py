@@ -5,6 +5,8 @@ ReLU, map + un-mirrored map; the scales are summed after bilinear resizing to th
 image size (``hr_cam``); only the image's ground-truth classes are kept, each divided by its own maximum. Images whose
 label has no foreground class get no file (``--exclude_bg_images true``, counted in the log). Finished files are
 skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world_size]``.
+An EPS checkpoint (scripts/cam/train_eps.py: C + 1 maps, background last) is recognised by its weights: its CAMs are
+the foreground channels of the softmax over C + 1 (the background channel is not used), written like any other.
 
 Reads:  experiments/models/<weights or tag>.pth; the images and image-level labels of --domain
 Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys, cam, hr_cam; see core/artifacts.py),
