@@ -369,12 +369,30 @@ def ppc_loss(
         raise ValueError(f"views disagree: embeddings {emb1.shape} / {emb2.shape}, CAMs {cams1.shape} / {cams2.shape}")
     if cams2.shape[2:] != emb2.shape[2:]:
         raise ValueError(f"view 2's CAMs {tuple(cams2.shape)} and embeddings {tuple(emb2.shape)} differ in size")
+    with torch.autocast(device_type=emb2.device.type, enabled=False):  # similarities / τ need fp32
+        embeddings = (emb1.float(), emb2.float())
+        return _ppc_loss(*embeddings, cams1, cams2, labels, bg_score, topk_fraction, tau, weights, generator)
+
+
+def _ppc_loss(
+    emb1: torch.Tensor,
+    emb2: torch.Tensor,
+    cams1: torch.Tensor,
+    cams2: torch.Tensor,
+    labels: torch.Tensor,
+    bg_score: float,
+    topk_fraction: float,
+    tau: float,
+    weights: tuple[float, float, float],
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     size = emb2.shape[2:]
     if emb1.shape[2:] != size:
         emb1 = F.interpolate(emb1, size=size, mode="bilinear", align_corners=True)
     if cams1.shape[2:] != size:
         cams1 = F.interpolate(cams1.detach().float(), size=size, mode="bilinear", align_corners=True)
     scores1, scores2 = normalized_scores(cams1, bg_score), normalized_scores(cams2, bg_score)
+    labels = labels.float()
     y1, y2 = pseudo_labels(scores1, labels).reshape(-1), pseudo_labels(scores2, labels).reshape(-1)
     protos1 = batch_prototypes(emb1, scores1, topk_fraction)
     protos2 = batch_prototypes(emb2, scores2, topk_fraction)
