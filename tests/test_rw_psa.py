@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_rw_affinity import uncertain_borders
 
 from core import paths
 from core.artifacts import cam_path, load_cam, load_label_map, save_label_map
@@ -264,18 +265,6 @@ def test_the_runner_config_names_the_psa_folders_as_the_scripts_do(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _gt_affinity_labels(mask: np.ndarray) -> np.ndarray:
-    """Affinity labels from a GT mask: every pixel next to another label uncertain (255)."""
-    labels = mask.copy()
-    border = np.zeros(mask.shape, dtype=bool)
-    border[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-    border[:, :-1] |= mask[:, 1:] != mask[:, :-1]
-    border[1:] |= mask[1:] != mask[:-1]
-    border[:-1] |= mask[1:] != mask[:-1]
-    labels[border] = 255
-    return labels
-
-
 def _walk_miou(model: PsaAffinityNet | None, source) -> float:
     """mIoU of the PSA walk (logt 3, bg 0.27, threshold 0.5) of seeds on 20 % of each object's stride-8 cells, on
     ``model``'s features or (None) on equal features everywhere."""
@@ -305,7 +294,7 @@ def _walk_miou(model: PsaAffinityNet | None, source) -> float:
 def test_psa_training_learns_features_that_keep_the_walk_inside_objects(synthetic_voc, tmp_path):
     source = build_source("voc12", synthetic_voc, "train")
     for image_id in source.ids:
-        save_label_map(tmp_path / "labels" / f"{image_id}.png", _gt_affinity_labels(source.read_mask(image_id)))
+        save_label_map(tmp_path / "labels" / f"{image_id}.png", uncertain_borders(source.read_mask(image_id)))
     flags = [
         "--method", "psa", "--tag", "learn", "--data_dir", str(synthetic_voc), "--domain", "train", "--label_dir",
         str(tmp_path / "labels"), "--architecture", "resnet18", "--backbone_weights", "none", "--image_size", "80",
