@@ -258,6 +258,7 @@ def training_run(
             epochs = {"epochs": int(getattr(args, "max_epoch", 0))}
             record = provenance.record(run.started, epochs, finished=manifest.utc_now(), outputs=outputs)
             manifest.write_manifest(run.run_dir, record)
+        distributed.barrier()  # leave together: gloo can abort a rank whose peer tears down mid-connection
     finally:
         run.close()
 
@@ -344,6 +345,7 @@ def stage_run(
         distributed.barrier()
         if info.is_main:
             manifest.write_manifest(out_dir, provenance.record(started, run.counts, finished=manifest.utc_now()))
+        distributed.barrier()  # as in training_run: no rank tears the group down while another still uses it
     finally:
         runlog.close_logging()
         distributed.cleanup()

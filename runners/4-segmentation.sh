@@ -30,6 +30,7 @@ if has_stage train && ! done_already "$TAG_SEG"; then
   $LAUNCH "$REPO/scripts/segmentation/train.py" --tag "$TAG_SEG" --dataset "$SOURCE" --data_dir "$DATA_DIR" \
     --domain_train "$DOMAIN_TRAIN_SEG" --domain_valid "$DOMAIN_VALID_SEG" "${label_flags[@]}" \
     --architecture "$ARCH_SEG" --backbone_weights "$SEG_WEIGHTS" --mode normal --use_gn "$USE_GN" \
+    --dilated "$DILATED_SEG" --seed "$SEED_SEG" \
     --optimizer "$OPTIMIZER_SEG" --lr "$LR_SEG" --wd "$WD_SEG" --max_epoch "$EPOCHS_SEG" --batch_size "$BATCH_SEG" \
     --label_smoothing 0.1 --augment "$AUGMENT_SEG" --image_size "$IMAGE_SIZE_SEG" \
     --min_image_size "$MIN_SIZE_SEG" --max_image_size "$MAX_SIZE_SEG" \
@@ -39,7 +40,8 @@ fi
 for DOMAIN in $SEG_DOMAINS; do
   if has_stage inference; then
     $LAUNCH "$REPO/scripts/segmentation/inference.py" --tag "$TAG_SEG" --dataset "$SOURCE" --data_dir "$DATA_DIR" \
-      --domain "$DOMAIN" --architecture "$ARCH_SEG" --mode normal --use_gn "$USE_GN" --scale "$SEG_SCALES" \
+      --domain "$DOMAIN" --architecture "$ARCH_SEG" --mode normal --use_gn "$USE_GN" --dilated "$DILATED_SEG" \
+      --scale "$SEG_SCALES" \
       --crf_t "$SEG_CRF_T" --crf_gt_prob "$SEG_CRF_GT" --mixed_precision "$MIXED_PRECISION" \
       --num_workers "$WORKERS_INFER"
   fi

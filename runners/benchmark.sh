@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's performance figures, one JSON line each, into experiments/benchmarks/<host>.jsonl:
 # the evaluation sweep vs plain reading (1,000 VOC-sized CAM files), training steps of the five CAM methods and
-# multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU; the saliency stages (C²AM-H step,
+# multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU; PPC's overhead on the vanilla and
+# SEAM steps (resnet18, 128 px); the saliency stages (C²AM-H step,
 # C²AM inference, PoolNet step and test at --head_scale 1 and 0.25, the saliency-mask CRF) for resnet18 at 96 and
 # 128 px on the CPU; and, when CUDA is present, ResNeSt-269 at 512 px (C²AM at 448 px) with AMP and channels_last, and
 # the projection of the whole VOC pipeline's hours (tools/benchmark.py pipeline).
@@ -29,6 +30,7 @@ for arch in $ARCHS; do
     bench inference --architecture "$arch" --size "$size" --images 4 --device cpu
   done
 done
+bench ppc --architecture resnet18 --size 128 --views 128,32 --batch_size 8 --steps 7 --device cpu
 for arch in $SAL_ARCHS; do
   for size in $SAL_SIZES; do
     bench saliency --architecture "$arch" --size "$size" --batch_size 8 --steps 3 --warmup 1 --head_scale 1 \

@@ -112,6 +112,7 @@ def test_evaluate_subcommand_still_runs(capsys):
         (["train", "--size", "48", "--methods", "puzzle", "--device", "cpu"], "multiple of 32"),
         (["inference", "--classes", "0", "--device", "cpu"], "--classes must lie in 1..20"),
         (["saliency", "--stages", "crf,magic", "--device", "cpu"], "unknown --stages magic"),
+        (["ppc", "--views", "128,8", "--device", "cpu"], "at least 16 px"),
         (["saliency", "--stages", "crf", "--crf_t", "0", "--device", "cpu"], "--crf_t 0"),
         (["pipeline", "--stages", "oc_train,magic", "--device", "cpu"], "unknown --stages magic"),
         (["pipeline", "--recipe", "BATCH_NOPE=4", "--device", "cpu"], "--recipe BATCH_NOPE=4: expected KEY=VALUE"),
@@ -128,7 +129,7 @@ def test_bad_settings_are_one_line_errors(argv, message, capsys):
 def test_limits_are_measured_and_bound_their_stage(capsys):
     common = ["--size", "32", "--device", "cpu", "--threads", "1"]
     train = run_json(
-        ["train", *common, "--batch_size", "2", "--steps", "3", "--warmup", "1", "--methods", "vanilla"], capsys
+        ["train", *common, "--batch_size", "2", "--steps", "5", "--warmup", "1", "--methods", "vanilla"], capsys
     )
     assert train["limit"]["images_per_s"] > 0
     assert train["limit"]["images_per_s"] == pytest.approx(2 / (train["limit"]["step_ms"] / 1000), rel=0.01)
@@ -138,6 +139,26 @@ def test_limits_are_measured_and_bound_their_stage(capsys):
     assert infer["limit"]["images_per_s"] > 0
     assert 0 < infer["pct_of_limit"] < 150 and 0 < infer["file_pct_of_limit"] < 150
     assert infer["file_images_per_s"] > 0
+
+
+def test_ppc_reports_each_step_beside_its_baseline(capsys):
+    result = run_json(["ppc", "--size", "32", "--views", "32,16", "--batch_size", "2", "--steps", "1", "--warmup", "0",
+                       "--device", "cpu", "--threads", "1"], capsys)  # fmt: skip
+    steps = {"vanilla", "vanilla+ppc@32", "vanilla+ppc@16", "seam", "seam+ppc@32", "seam+ppc@16"}
+    assert set(result["step_ms"]) == steps | {"ppc_loss@32", "ppc_loss@16"}
+    assert set(result["images_per_s"]) == steps and all(value > 0 for value in result["step_ms"].values())
+    ms = result["step_ms"]
+    assert result["overhead_pct"]["seam+ppc@16"] == pytest.approx(100 * (ms["seam+ppc@16"] / ms["seam"] - 1), abs=0.2)
+    assert result["overhead_pct"]["ppc_loss@32"] == pytest.approx(100 * ms["ppc_loss@32"] / ms["vanilla"], abs=0.2)
+
+
+def test_ppc_step_trains_the_projection_head():
+    args = benchmark.get_args_parser().parse_args(["ppc", "--size", "32", "--batch_size", "2", "--device", "cpu"])
+    for method in ("vanilla", "seam"):
+        step, cg = benchmark.ppc_step(args, torch.device("cpu"), method, 16)
+        before = cg.projection.conv.weight.detach().clone()
+        step()
+        assert not torch.equal(cg.projection.conv.weight, before), method  # PPC's loss reached the head
 
 
 def test_subcategory_step_trains_the_sub_category_head(capsys):

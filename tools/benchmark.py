@@ -11,6 +11,11 @@
     inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images), of a whole
                CAM file (the same plus save_cam), and the limit: the forward passes of the same scales and flips
                of the same images on prepared batches, nothing else (timed alternately, medians).
+    ppc        PPC's overhead per training step: the vanilla and SEAM steps without --ppc, and with it at each
+               second-view side of --views (SEAM's own view, x0.3, gives way to PPC's; the published recipe's
+               128 px view of a 448 px crop is the same ratio), and PPC's loss alone (forward + backward on
+               stand-in embeddings and CAMs of both views); overhead_pct = extra time over the step's own baseline
+               (the loss alone: its time as a share of the vanilla step). Timed in turn, medians.
     saliency   images/s of the saliency stages, each beside its limit (stages.<name>.limit, pct_of_limit):
                ccam_train (C²AM-H step; limit: forward + backward of the C²AM network), ccam_inference (one image,
                --scales + flip, relu, averaged; limit: the bare forward passes), poolnet_train (PoolNet step, Adam,
@@ -45,6 +50,7 @@ Example:
     python tools/benchmark.py train --architecture resnet50 --size 320 --batch_size 8 --steps 5 --device cuda \
         --mixed_precision --channels_last
     python tools/benchmark.py inference --architecture resnet50 --size 320 --scales 0.5,1.0,1.5,2.0 --images 8
+    python tools/benchmark.py ppc --architecture resnet18 --size 128 --views 128,32 --device cpu --threads 2
     python tools/benchmark.py saliency --architecture resnet18 --size 96 --batch_size 8 --head_scale 0.25 --device cpu
     python tools/benchmark.py rw --sizes 188x250,375x500,480x640 --classes 2 --device cpu --threads 2
     python tools/benchmark.py seg --architecture resnet50 --size 320 --batch_size 4 --device cpu
@@ -74,9 +80,11 @@ from torch import nn
 
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
-from core.cam import methods, subcategory
+from core.cam import methods, ppc, seam, subcategory
 from core.cam.cams import imagenet_normalize, multiscale_cams, resize_bicubic
 from core.cam.occse import LabelSplitter
+from core.cam.ppc import PPCClassifier
+from core.cam.seam import SeamClassifier
 from core.ccam import training as ccam_training
 from core.ccam.network import CCAM
 from core.ccam.saliency_masks import SaliencyMaskJob, write_saliency_masks
@@ -329,6 +337,8 @@ def method_flags(args: argparse.Namespace) -> argparse.Namespace:
     methods.add_oc_args(parser)
     methods.add_pnoc_args(parser)
     subcategory.add_subcategory_args(parser)
+    ppc.add_ppc_args(parser)
+    seam.add_seam_args(parser)
     flags = parser.parse_args(["--subcategories", "random"])  # the table is generated (random_sub_labels)
     flags.label_smoothing = 0.0
     flags.mixed_precision = bool(args.mixed_precision)
@@ -569,6 +579,103 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
         },
         "pct_of_limit": round(100 * seconds["limit"] / seconds["cams"], 1),
         "file_pct_of_limit": round(100 * seconds["limit"] / seconds["file"], 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ppc: the overhead of PPC's pixel-to-prototype contrast on the vanilla and SEAM steps
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_ppc_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, size=128)
+    cli.add_arg(parser, "--batch_size", type=int, default=8, help="images per step (default 8)")
+    cli.add_arg(parser, "--steps", type=int, default=7, help="timed steps per variant (default 7)")
+    cli.add_arg(parser, "--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    cli.add_arg(
+        parser, "--views", type=cli.str_list, default=["128", "32"], help="PPC second-view sides to time (default "
+        "128,32: the flag's default, and the recipe's 512 : 128 ratio at a 128 px crop)"
+    )  # fmt: skip
+
+
+def ppc_step(
+    args: argparse.Namespace, device: torch.device, method: str, view: int | None
+) -> tuple[Callable[[], None], nn.Module]:
+    """One training step of a fresh random ``vanilla`` or ``seam`` generator, with ``--ppc true --ppc_view_size view``
+    unless ``view`` is None, on the fixed random batch, through the scripts' step code; and the generator."""
+    flags = method_flags(args)
+    flags.ppc, flags.ppc_view_size = view is not None, view or flags.ppc_view_size
+    ctx = bench_context(args, flags, device)
+    batch = _random_batch(args)
+    batch["label"][:, 0] = 1.0
+    torch.manual_seed(args.seed)
+    config = ppc.PPCConfig.from_args(flags)
+    if method == "seam":
+        cg: nn.Module = SeamClassifier(
+            args.architecture, BENCH_CLASSES, backbone_weights="none", ppc_dim=config.dim if config else None
+        )
+        step_fn = seam.build_seam_step(flags)
+    else:
+        kind = PPCClassifier if config else Classifier
+        cg = kind(args.architecture, BENCH_CLASSES, backbone_weights="none")
+        step_fn = methods.build_step_fn("vanilla", flags)
+    ctx.add("cg", cg, torch.optim.SGD(cg.parameters(), lr=1e-4))
+    ctx.train_mode()
+    return engine_step(step_fn, ctx, batch), ctx.module("cg")
+
+
+def ppc_loss_only(args: argparse.Namespace, device: torch.device, view: int) -> Callable[[], None]:
+    """PPC's loss forward + backward alone on stand-in embeddings and CAMs of both views (stride 16, 128-d): what PPC
+    adds to a method that already runs a second view (SEAM, EPS)."""
+    g = torch.Generator().manual_seed(args.seed)
+    side1, side2 = -(-args.size // 16), -(-view // 16)
+
+    def tensor(channels: int, side: int, grad: bool = False) -> torch.Tensor:
+        values = torch.rand(args.batch_size, channels, side, side, generator=g).to(device)
+        return values.requires_grad_(grad)
+
+    emb1, emb2 = tensor(128, side1, True), tensor(128, side2, True)
+    cams1, cams2 = tensor(BENCH_CLASSES + 1, side1), tensor(BENCH_CLASSES + 1, side2)
+    labels = (torch.rand(args.batch_size, BENCH_CLASSES, generator=g) < 0.15).float().to(device)
+
+    def run() -> None:
+        loss, _ = ppc.ppc_loss(emb1, emb2, cams1, cams2, labels, bg_score=0.2, topk_fraction=1 / 8)
+        loss.backward()
+
+    return run
+
+
+def run_ppc(args: argparse.Namespace) -> dict[str, Any]:
+    views = [int(view) for view in args.views]
+    if any(view < 16 for view in views):
+        raise WSSSError(f"--views {','.join(args.views)}: every view needs at least 16 px (one cell at stride 16)")
+    device = _setup_torch(args)
+    fmt = _compute(args, device)
+    fns = {}
+    for method in ("vanilla", "seam"):
+        fns[method] = ppc_step(args, device, method, None)[0]
+        fns |= {f"{method}+ppc@{view}": ppc_step(args, device, method, view)[0] for view in views}
+    fns |= {f"ppc_loss@{view}": ppc_loss_only(args, device, view) for view in views}
+    seconds = _interleaved(fns, args.steps, args.warmup, device)
+
+    def overhead(name: str) -> float:  # full steps: over their own baseline; the loss alone: share of vanilla's step
+        base = seconds[name.split("+")[0]] if "+" in name else seconds["vanilla"]
+        return round(100 * (seconds[name] - base if "+" in name else seconds[name]) / base, 1)
+
+    return {
+        "benchmark": "ppc",
+        "architecture": args.architecture,
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "mixed_precision": bool(args.mixed_precision),
+        "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "step_code": "core.cam.methods.build_step_fn('vanilla'), core.cam.seam.build_seam_step",
+        "step_ms": {name: round(1000 * value, 1) for name, value in seconds.items()},
+        "images_per_s": {name: round(args.batch_size / value, 3) for name, value in seconds.items() if "loss" not in name},
+        "overhead_pct": {name: overhead(name) for name in seconds if name not in ("vanilla", "seam")},
     }
 
 
@@ -1440,6 +1547,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
     "evaluate": (add_evaluate_args, run_evaluate),
     "train": (add_train_args, run_train),
     "inference": (add_inference_args, run_inference),
+    "ppc": (add_ppc_args, run_ppc),
     "saliency": (add_saliency_args, run_saliency),
     "rw": (add_rw_args, run_rw),
     "seg": (add_seg_args, run_seg),

@@ -29,3 +29,5 @@ case "$DATASET" in
     SEG_SCALES=${SEG_SCALES:-1.0}; SEG_CRF_T=${SEG_CRF_T:-0}; SEG_CRF_GT=${SEG_CRF_GT:-1}
     SEG_DOMAINS=${SEG_DOMAINS:-"val"} ;;
 esac
+# DILATED_SEG=true: output stride 8 (ASPP rates 12/24/36) instead of 16; SEED_SEG: the training seed.
+DILATED_SEG=${DILATED_SEG:-false}; SEED_SEG=${SEED_SEG:-0}
