@@ -3,8 +3,10 @@
 # epochs, the OC methods against the vanilla model $TAG_OC (default: the one this run trains); then CAM inference,
 # the threshold sweep, and one table. Every method starts from $BACKBONE_WEIGHTS (none = from scratch on synthetic),
 # or from CG_WEIGHTS when it is set (e.g. a trained classifier standing in for ImageNet weights). The mixing methods
-# (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...) and SEAM (seam, and seam-ppc with PPC's contrast:
-# scripts/cam/train_seam.py, at the runner's backbone and output stride) join the table when METHODS names them.
+# (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...), SEAM (seam: scripts/cam/train_seam.py, at the
+# runner's backbone and output stride), EPS (eps: scripts/cam/train_eps.py on the saliency PNGs of SAL_DIR) and PPC's
+# contrast on any of vanilla, pnoc, seam and eps (vanilla-ppc, pnoc-ppc, seam-ppc, eps-ppc; second view
+# PPC_VIEW_SIZE px; SEAM_VIEW_SCALE and SEAM_DROPOUT set SEAM's) join the table when METHODS names them.
 #
 #   DATASET=synthetic bash runners/compare-cams.sh        # the README's methods table (CPU, from scratch)
 #   DATASET=synthetic bash runners/compare-cams.sh --seeds 3   # or SEEDS=3: each method at seeds 0..2, mean ± sd
@@ -12,6 +14,7 @@
 #     CG_WEIGHTS=experiments/models/vanilla/synthetic-resnet18-e6-cmp.pth bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="vanilla mixup fmix manifold" bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="seam seam-ppc" PPC_VIEW_SIZE=48 bash runners/compare-cams.sh
+#   DATASET=synthetic METHODS="eps eps-ppc" SAL_DIR=experiments/predictions/<saliency of train_aug> bash runners/compare-cams.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/compare-cams.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +33,7 @@ STAGES=${STAGES:-"train inference evaluate"}
 tag_of() { local suffix=""; (( $2 == 0 )) || suffix="-s$2"; echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID$suffix"; }
 
 method_flags() {
+  local ppc=(--ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}")
   case "$1" in
     vanilla) echo --augment "$AUGMENT_OC" ;;
     puzzle)  echo --alpha "$PUZZLE_ALPHA" ;;
@@ -37,15 +41,24 @@ method_flags() {
     poc)     echo --alpha "$PUZZLE_ALPHA" --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" ;;
     pnoc)    echo --oc-architecture "$ARCH" --oc-pretrained "experiments/models/$TAG_OC.pth" "${pnoc_flags[@]}" ;;
     mixup|fmix|manifold) echo --mix "$1" ;;
-    seam)     echo --augment "$AUGMENT_OC" ;;
-    seam-ppc) echo --augment "$AUGMENT_OC" --ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}" ;;
-    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc mixup fmix manifold seam seam-ppc)" >&2
+    seam)    echo --augment "$AUGMENT_OC" --seam_view_scale "${SEAM_VIEW_SCALE:-0.3}" --feature_dropout "${SEAM_DROPOUT:-0.5}" ;;
+    eps)     [[ -n "${SAL_DIR:-}" ]] || { echo "error: METHODS=$1 needs SAL_DIR, a folder of saliency PNGs" >&2; return 2; }
+             echo --augment "$AUGMENT_OC" --sal_dir "$SAL_DIR" ;;
+    vanilla-ppc|seam-ppc|eps-ppc|pnoc-ppc) local base; base=$(method_flags "${1%-ppc}") || return 2
+                                           echo $base "${ppc[@]}" ;;
+    *) echo "error: unknown method $1 (choose from vanilla puzzle occse poc pnoc mixup fmix manifold seam eps" \
+         "vanilla-ppc pnoc-ppc seam-ppc eps-ppc)" >&2
        return 2 ;;
   esac
 }
 script_of() {
-  case "$1" in mixup|fmix|manifold) echo train_mixup ;; seam|seam-ppc) echo train_seam ;; *) echo "train_$1" ;; esac
+  local base=${1%-ppc}
+  case "$base" in mixup|fmix|manifold) echo train_mixup ;; *) echo "train_$base" ;; esac
 }
+
+for METHOD in $METHODS; do  # every name and its settings (SAL_DIR for eps) checked before anything trains
+  TAG_OC=${TAG_OC:-none} method_flags "$METHOD" >/dev/null || exit 2
+done
 
 results=()
 for METHOD in $METHODS; do

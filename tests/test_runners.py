@@ -120,6 +120,16 @@ def test_compare_runner_rejects_a_bad_seed_count(tmp_path):
     assert failed.stderr.strip() == "error: SEEDS=0 must be a positive integer"
 
 
+@pytest.mark.parametrize(("methods", "message"), [
+    ("vanilla bogus", "error: unknown method bogus"),
+    ("vanilla eps-ppc", "error: METHODS=eps needs SAL_DIR"),
+])  # fmt: skip
+def test_compare_runner_checks_every_method_before_training(tmp_path, methods, message):
+    failed = run_runner("compare-cams.sh", tmp_path, DATASET="synthetic", METHODS=methods, SAL_DIR="")
+    assert failed.returncode == 2 and failed.stderr.startswith(message), failed.stderr
+    assert not (tmp_path / "experiments" / "models").exists()  # vanilla, named first, did not train
+
+
 def voc_tree_as_coco(voc: Path, coco: Path) -> dict[str, str]:
     """The synthetic VOC tree in COCO 2014's layout: train -> train2014, val -> val2014, masks (class indices, which
     the synthetic classes share with COCO's first ones) -> coco_seg_anno/; returns VOC id -> COCO id."""

@@ -16,7 +16,8 @@ rw_walk=beta=${RW_BETA:-10}@exp_times=${RW_EXP:-8}  # scripts/rw/inference.py's 
 PSEUDO_MASKS=$TAG_AFF@$rw_walk@rw@t=${PSEUDO_T:-0.3}@crf=${PSEUDO_CRF_T:-1}
 LABEL_NAME=${LABEL_NAME:-$PSEUDO_MASKS}
 label_id=${LABEL_NAME//\//_}
-TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-${ARCH_SEG:-$ARCH}@${label_id%%@*}-$EID}
+seg_os=""; [[ "${DILATED_SEG:-false}" == true ]] && seg_os=-os8
+TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-${ARCH_SEG:-$ARCH}$seg_os@${label_id%%@*}-$EID}
 
 # Where the stages put what the next one reads (the scripts' own naming rules, core/paths.py).
 OC_WEIGHTS=experiments/models/$TAG_OC.pth
