@@ -57,6 +57,22 @@ def test_prototype_of_a_known_region_is_the_normalised_weighted_mean_of_its_top_
     assert protos.shape == (2, 8)
 
 
+def test_background_prototype_constant_takes_the_first_positions_complement_the_least_class_like():
+    # One image, 2x4 grid; the class map is high on the left half and 0 on the right; k = int(8 / 4) = 2 positions.
+    embeddings = torch.eye(8).reshape(1, 8, 2, 4) + 0.01  # a distinct direction per position
+    cams = torch.zeros(1, 2, 2, 4)
+    cams[0, 1, :, :2] = torch.tensor([[4.0, 3.0], [2.0, 1.0]])
+    scores = ppc.normalized_scores(cams, bg_score=0.2)
+    for mode, positions in (("constant", [0, 1]), ("complement", [2, 3])):
+        weights = ppc.prototype_weights(scores, mode)
+        background = ppc.batch_prototypes(embeddings, weights, topk_fraction=1 / 4)[0]
+        expected = F.normalize(embeddings.flatten(2)[0, :, positions].mean(dim=1), dim=0)  # equal weights: a plain mean
+        assert torch.allclose(background, expected, atol=1e-6), mode
+    assert torch.equal(ppc.prototype_weights(scores, "complement")[:, 1:], scores[:, 1:])  # class channels unchanged
+    with pytest.raises(ValueError, match="unknown background prototype"):
+        ppc.prototype_weights(scores, "median")
+
+
 def test_pseudo_labels_use_the_background_constant_and_the_image_labels():
     cams = torch.zeros(1, 3, 1, 3)
     cams[0, 1] = torch.tensor([0.0, 5.0, 10.0])  # present class: normalised to 0, ~0.5, ~1

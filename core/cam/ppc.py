@@ -7,7 +7,9 @@ A projection head (1x1 conv -> 128, ReLU) maps the classifier's last features to
   (``bg_score``), foreground channels times the image labels (background kept), argmax;
 * prototypes: for every channel (absent classes and background included), the top-k positions over the WHOLE batch
   of the normalised (unmasked) CAMs, k = ``topk_fraction`` x the pixels of one image's grid; the prototype is the
-  CAM-weighted mean of the raw (not normalised) embeddings there, then L2-normalised. Under DDP every process
+  CAM-weighted mean of the raw (not normalised) embeddings there, then L2-normalised. The background channel is θ
+  everywhere, so its top-k are ties and the batch's first k positions make its prototype, as in the reference;
+  ``--ppc_bg_prototype complement`` weighs it by ``1 - max_c`` of the class channels instead. Under DDP every process
   all-gathers its local top-k candidates, so the prototypes equal those of one process holding the global batch
   (ties are broken by batch position, as a stable sort over the global batch would).
 
@@ -53,6 +55,7 @@ SKIP_MOST_SIMILAR = 3  # semi-hard mining: the 3 most similar prototypes are ski
 MINED_NEGATIVES = 10  # ... and the next 10 (ranks 4-13) are the negatives
 HARD_BAND = (0.1, 0.6)  # hard pixels: ranks from 10 % to 60 % in ascending similarity (the hardest 10 % dropped)
 TERMS = ("ppc_cp", "ppc_cc", "ppc_intra")
+BG_PROTOTYPES = ("constant", "complement")
 
 
 class ProjectionHead(nn.Module):
@@ -142,6 +145,16 @@ def add_ppc_args(
         help="side of the second view, the batch resized bilinearly (default %(default)s)",
     )
     add_arg(group, "--ppc_dim", type=positive_int, default=128, help="embedding channels of the projection head")
+    add_arg(
+        group,
+        "--ppc_bg_prototype",
+        type=str,
+        default="constant",
+        choices=BG_PROTOTYPES,
+        help="weights of the background prototype: constant = θ everywhere, as the reference (every position ties, "
+        "so the first top-k positions of the batch make it); complement = 1 - max_c of the normalised class maps "
+        "(the least class-like positions)",
+    )
     return group
 
 
@@ -155,6 +168,7 @@ class PPCConfig:
     weights: tuple[float, float, float] = (0.1, 0.1, 0.1)
     view_size: int = 128
     dim: int = 128
+    bg_prototype: str = "constant"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PPCConfig | None:
@@ -175,6 +189,7 @@ class PPCConfig:
             weights=(weights[0], weights[1], weights[2]),
             view_size=int(args.ppc_view_size),
             dim=int(args.ppc_dim),
+            bg_prototype=str(getattr(args, "ppc_bg_prototype", "constant")),
         )
 
 
@@ -194,6 +209,20 @@ def normalized_scores(cams: torch.Tensor, bg_score: float) -> torch.Tensor:
     high = fg.amax(dim=(2, 3), keepdim=True)
     fg = F.relu(fg - low - NORM_EPS) / (high - low + NORM_EPS)
     return torch.cat([torch.full_like(fg[:, :1], float(bg_score)), fg], dim=1)
+
+
+def prototype_weights(scores: torch.Tensor, bg_prototype: str = "constant") -> torch.Tensor:
+    """The weights ``m`` of :func:`batch_prototypes`: ``scores`` themselves (``constant``: the background channel is
+    θ everywhere), or with the background channel ``1 - max_c`` of the class channels (``complement``).
+
+    Args:
+        scores: float [B, 1 + C, h, w] from :func:`normalized_scores`.
+    """
+    if bg_prototype == "constant":
+        return scores
+    if bg_prototype != "complement":
+        raise ValueError(f"unknown background prototype {bg_prototype!r}; choose from {', '.join(BG_PROTOTYPES)}")
+    return torch.cat([1 - scores[:, 1:].amax(dim=1, keepdim=True), scores[:, 1:]], dim=1)
 
 
 def pseudo_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -345,6 +374,7 @@ def ppc_loss(
     tau: float = 0.1,
     weights: tuple[float, float, float] = (0.1, 0.1, 0.1),
     generator: torch.Generator | None = None,
+    bg_prototype: str = "constant",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPC's ``L_nce = w_cp L_cp + w_cc L_cc + w_intra L_intra`` of two views (see the module docstring).
 
@@ -360,6 +390,7 @@ def ppc_loss(
         tau: temperature.
         weights: (w_cp, w_cc, w_intra).
         generator: random stream of the hard pixel sampling (default: torch's global one).
+        bg_prototype: the background prototype's weights (:func:`prototype_weights`).
 
     Returns:
         (scalar float32 loss with graphs into both embeddings only -- CAMs and prototypes carry no gradient --,
@@ -371,7 +402,9 @@ def ppc_loss(
         raise ValueError(f"view 2's CAMs {tuple(cams2.shape)} and embeddings {tuple(emb2.shape)} differ in size")
     with torch.autocast(device_type=emb2.device.type, enabled=False):  # similarities / τ need fp32
         embeddings = (emb1.float(), emb2.float())
-        return _ppc_loss(*embeddings, cams1, cams2, labels, bg_score, topk_fraction, tau, weights, generator)
+        return _ppc_loss(
+            *embeddings, cams1, cams2, labels, bg_score, topk_fraction, tau, weights, generator, bg_prototype
+        )
 
 
 def _ppc_loss(
@@ -385,6 +418,7 @@ def _ppc_loss(
     tau: float,
     weights: tuple[float, float, float],
     generator: torch.Generator | None,
+    bg_prototype: str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     size = emb2.shape[2:]
     if emb1.shape[2:] != size:
@@ -394,8 +428,8 @@ def _ppc_loss(
     scores1, scores2 = normalized_scores(cams1, bg_score), normalized_scores(cams2, bg_score)
     labels = labels.float()
     y1, y2 = pseudo_labels(scores1, labels).reshape(-1), pseudo_labels(scores2, labels).reshape(-1)
-    protos1 = batch_prototypes(emb1, scores1, topk_fraction)
-    protos2 = batch_prototypes(emb2, scores2, topk_fraction)
+    protos1 = batch_prototypes(emb1, prototype_weights(scores1, bg_prototype), topk_fraction)
+    protos2 = batch_prototypes(emb2, prototype_weights(scores2, bg_prototype), topk_fraction)
     v1, v2 = pixel_embeddings(emb1), pixel_embeddings(emb2)
 
     cross_proto = (contrast(v1, protos2, y1, tau) + contrast(v2, protos1, y2, tau)) / 2
@@ -428,6 +462,7 @@ def config_kwargs(config: PPCConfig) -> dict[str, Any]:
         "topk_fraction": config.topk_fraction,
         "tau": config.tau,
         "weights": config.weights,
+        "bg_prototype": config.bg_prototype,
     }
 
 
