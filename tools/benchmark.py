@@ -674,7 +674,9 @@ def run_ppc(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "step_code": "core.cam.methods.build_step_fn('vanilla'), core.cam.seam.build_seam_step",
         "step_ms": {name: round(1000 * value, 1) for name, value in seconds.items()},
-        "images_per_s": {name: round(args.batch_size / value, 3) for name, value in seconds.items() if "loss" not in name},
+        "images_per_s": {
+            name: round(args.batch_size / value, 3) for name, value in seconds.items() if "loss" not in name
+        },
         "overhead_pct": {name: overhead(name) for name in seconds if name not in ("vanilla", "seam")},
     }
 
