@@ -69,8 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
-    run = runtime.setup(args, "test", models_dir=args.models_dir)
-    try:
+    # the engine's own run context: it also makes every rank leave the process group together
+    with runtime.training_run(args, "test", __file__, models_dir=args.models_dir) as run:
         loader = engine.build_loader(FixedImages(), run, train=True)
         ctx = engine.TrainContext(run, len(loader))
         model = FrozenBNNet()
@@ -85,8 +85,6 @@ def main(args: argparse.Namespace) -> dict:
             return {"loss": loss.item()}
 
         return engine.fit(ctx, loader, step_fn)
-    finally:
-        run.close()
 
 
 def _toy_flags(models_dir: Path, tag: str, batch_size: int) -> list[str]:
