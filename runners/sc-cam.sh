@@ -9,6 +9,7 @@
 #   DATASET=synthetic bash runners/sc-cam.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/sc-cam.sh
 #   DATASET=synthetic METHOD=sct TEACHER=test_vit bash runners/sc-cam.sh
+#   DATASET=synthetic SEED=1 TAG_R0=vanilla/synthetic-resnet18-e6-cmp-s1 bash runners/sc-cam.sh  # a second seed
 #   DATASET=voc12 METHOD=sct TEACHER_INIT=/models/vit_base_patch16_224.pth bash runners/sc-cam.sh   # timm weights
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,25 +25,30 @@ case "$METHOD" in
   *) echo "error: unknown METHOD=$METHOD (choose sc or sct)" >&2; exit 2 ;;
 esac
 N_CLUSTERS=${N_CLUSTERS:-10}
+# SEED seeds every training run and k-means; seed 0 keeps the unsuffixed tags (as compare-cams.sh does).
+SEED=${SEED:-0}
+[[ "$SEED" =~ ^[0-9]+$ ]] || { echo "error: SEED=$SEED must be a non-negative integer" >&2; exit 2; }
+SUFFIX=$( (( SEED == 0 )) || echo "-s$SEED" )
 KD=${KD:-false}
 TEACHER=${TEACHER:-vit_base_patch16_224}
 TEACHER_INIT=${TEACHER_INIT:-none}       # a ViT's ImageNet weights are never downloaded: pass a timm .pth
 TEACHER_IMAGE_SIZE=${TEACHER_IMAGE_SIZE:-224}
 STAGES=${STAGES:-"vanilla teacher features cluster train inference evaluate"}
-TAG_R0=${TAG_R0:-vanilla/$DATASET-$ARCH-e$EPOCHS-$EID}
-TAG_TEACHER=${TAG_TEACHER:-vanilla/$DATASET-$TEACHER-e$EPOCHS-$EID}
-tag_of() { echo "$METHOD/$DATASET-$ARCH-e$EPOCHS-$EID-round$1"; }
+TAG_R0=${TAG_R0:-vanilla/$DATASET-$ARCH-e$EPOCHS-$EID$SUFFIX}
+TAG_TEACHER=${TAG_TEACHER:-vanilla/$DATASET-$TEACHER-e$EPOCHS-$EID$SUFFIX}
+tag_of() { echo "$METHOD/$DATASET-$ARCH-e$EPOCHS-$EID$SUFFIX-round$1"; }
 cluster_name() { if [[ "$CLUSTERING" == kmeans ]]; then echo "kmeans=$N_CLUSTERS"; else echo "finch=coarsest"; fi; }
 
 train_common=("${cam_common[@]}" --batch_size "$BATCH_OC" --backbone_weights "${CG_WEIGHTS:-$BACKBONE_WEIGHTS}"
-              --max_epoch "$EPOCHS" --label_smoothing 0.1)
+              --max_epoch "$EPOCHS" --label_smoothing 0.1 --seed "$SEED")
 
 if has_stage vanilla && ! done_already "$TAG_R0"; then
   $LAUNCH "$REPO/scripts/cam/train_vanilla.py" "${train_common[@]}" --tag "$TAG_R0" --augment "$AUGMENT_OC"
 fi
 if [[ "$METHOD" == sct ]] && has_stage teacher && ! done_already "$TAG_TEACHER"; then
   $LAUNCH "$REPO/scripts/cam/train_vanilla.py" "${cam_common[@]}" --architecture "$TEACHER" --tag "$TAG_TEACHER" \
-    --batch_size "$BATCH_OC" --backbone_weights "$TEACHER_INIT" --max_epoch "$EPOCHS" --label_smoothing 0.1
+    --batch_size "$BATCH_OC" --backbone_weights "$TEACHER_INIT" --max_epoch "$EPOCHS" --label_smoothing 0.1 \
+    --seed "$SEED"
 fi
 
 results=()
@@ -63,7 +69,7 @@ for (( ROUND = 1; ROUND <= ROUNDS; ROUND++ )); do
   if has_stage cluster && [[ ! -f "$SUBCATEGORIES/subcategories.npz" ]]; then
     $PY "$REPO/scripts/cam/cluster_subcategories.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" \
       --domain "$DOMAIN_TRAIN" --tag "$FEATURE_TAG" --features "$FEATURES" --clustering "$CLUSTERING" \
-      --n_clusters "$N_CLUSTERS"
+      --n_clusters "$N_CLUSTERS" --seed "$SEED"
   fi
   if has_stage train && ! done_already "$TAG"; then
     kd_flags=(--knowledge_distillation "$KD")

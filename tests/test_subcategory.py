@@ -241,7 +241,14 @@ def test_one_sc_round_learns_its_sub_categories(synthetic_voc, tmp_path, monkeyp
     assert last["train/c_loss"] < 0.8 * first["train/c_loss"], (first, last)
 
 
-def test_runner_refuses_an_unknown_method_in_one_line(tmp_path):
-    env = os.environ | {"WORK_DIR": str(tmp_path), "METHOD": "scx", "DATASET": "synthetic", "NGPU": "1"}
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"METHOD": "scx"}, "error: unknown METHOD=scx (choose sc or sct)"),
+        ({"SEED": "one"}, "error: SEED=one must be a non-negative integer"),
+    ],
+)
+def test_runner_refuses_a_bad_setting_in_one_line(tmp_path, setting, message):
+    env = os.environ | {"WORK_DIR": str(tmp_path), "DATASET": "synthetic", "NGPU": "1"} | setting
     done = commands.run(["bash", str(REPO / "runners" / "sc-cam.sh")], env=env, capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.strip() == "error: unknown METHOD=scx (choose sc or sct)"
+    assert done.returncode == 2 and done.stderr.strip() == message
