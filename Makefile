@@ -24,5 +24,7 @@ test: $(VENV)/.installed
 	$(VPY) -m ruff format --check --quiet .
 	$(VPY) -m pytest -q
 
+# Every output of the demo carries -demo in its run name (EID=demo, or demo-fp32); so does any run of EID *-demo*.
 clean-demo:
-	rm -rf experiments/demo experiments/data/synthetic
+	[ ! -d experiments ] || find experiments -name '*-demo*' -prune -exec rm -rf {} +
+	rm -rf experiments/data/synthetic

@@ -10,7 +10,11 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 export DATASET=synthetic NGPU=${NGPU:-1} PY=${PY:-python}
 export WORKERS_TRAIN=${WORKERS_TRAIN:-2} WORKERS_INFER=${WORKERS_INFER:-2}
 export DATA_DIR=${DATA_DIR:-experiments/data/synthetic/VOC2012}
-export EID=${EID:-demo}
+# The fast path: bf16 autocast + channels_last on a CPU with bf16 instructions (logged; fp32 on other CPUs).
+# MIXED_PRECISION=false make demo gives the fp32 run, under its own run names so neither resumes the other.
+export MIXED_PRECISION=${MIXED_PRECISION:-true}
+default_eid=demo; [[ "$MIXED_PRECISION" == true ]] || default_eid=demo-fp32
+export EID=${EID:-$default_eid}
 export LAUNCH=${LAUNCH:-$PY}  # one CPU process: no torchrun needed (the runners use torchrun by default)
 source "$REPO/runners/config/env.sh"  # after the demo's defaults, which it would otherwise replace
 source "$REPO/runners/config/pipeline.sh"
