@@ -30,7 +30,7 @@ SEEDS=${SEEDS:-1}
 METHODS=${METHODS:-"vanilla puzzle occse poc pnoc"}
 STAGES=${STAGES:-"train inference evaluate"}
 # tag_of METHOD SEED: seed 0 keeps the single-seed name, so SEEDS=3 reuses an earlier single-seed run.
-tag_of() { local suffix=""; (( $2 == 0 )) || suffix="-s$2"; echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID$suffix"; }
+tag_of() { echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID$(seed_suffix "$2")"; }
 
 method_flags() {
   local ppc=(--ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}")

@@ -28,7 +28,7 @@ N_CLUSTERS=${N_CLUSTERS:-10}
 # SEED seeds every training run and k-means; seed 0 keeps the unsuffixed tags (as compare-cams.sh does).
 SEED=${SEED:-0}
 [[ "$SEED" =~ ^[0-9]+$ ]] || { echo "error: SEED=$SEED must be a non-negative integer" >&2; exit 2; }
-SUFFIX=$( (( SEED == 0 )) || echo "-s$SEED" )
+SUFFIX=$(seed_suffix "$SEED")
 KD=${KD:-false}
 TEACHER=${TEACHER:-vit_base_patch16_224}
 TEACHER_INIT=${TEACHER_INIT:-none}       # a ViT's ImageNet weights are never downloaded: pass a timm .pth

@@ -21,3 +21,6 @@ slurm_launch() {
 }
 if [[ -z "${LAUNCH:-}" && -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]; then LAUNCH=$(slurm_launch); fi
 LAUNCH=${LAUNCH:-"torchrun --standalone --nproc_per_node=$NGPU"}
+# seed_suffix SEED: how a run name marks its seed. Seed 0 keeps the unsuffixed name, so a later multi-seed run reuses
+# (and extends) an earlier single-seed one.
+seed_suffix() { [[ "$1" == 0 ]] || echo "-s$1"; }

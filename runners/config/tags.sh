@@ -17,8 +17,7 @@ PSEUDO_MASKS=$TAG_AFF@$rw_walk@rw@t=${PSEUDO_T:-0.3}@crf=${PSEUDO_CRF_T:-1}
 LABEL_NAME=${LABEL_NAME:-$PSEUDO_MASKS}
 label_id=${LABEL_NAME//\//_}
 seg_os=""; [[ "${DILATED_SEG:-false}" == true ]] && seg_os=-os8
-seg_seed=""; [[ "${SEED_SEG:-0}" == 0 ]] || seg_seed=-s$SEED_SEG  # seed 0 keeps the unsuffixed name
-TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-${ARCH_SEG:-$ARCH}$seg_os@${label_id%%@*}-$EID$seg_seed}
+TAG_SEG=${TAG_SEG:-seg/$DATASET-d3p-${ARCH_SEG:-$ARCH}$seg_os@${label_id%%@*}-$EID$(seed_suffix "${SEED_SEG:-0}")}
 
 # Where the stages put what the next one reads (the scripts' own naming rules, core/paths.py).
 OC_WEIGHTS=experiments/models/$TAG_OC.pth
