@@ -6,7 +6,8 @@
 # (mixup, fmix, manifold: scripts/cam/train_mixup.py --mix ...), SEAM (seam: scripts/cam/train_seam.py, at the
 # runner's backbone and output stride), EPS (eps: scripts/cam/train_eps.py on the saliency PNGs of SAL_DIR) and PPC's
 # contrast on any of vanilla, pnoc, seam and eps (vanilla-ppc, pnoc-ppc, seam-ppc, eps-ppc; second view
-# PPC_VIEW_SIZE px; SEAM_VIEW_SCALE and SEAM_DROPOUT set SEAM's) join the table when METHODS names them.
+# PPC_VIEW_SIZE px, further PPC flags in PPC_FLAGS; SEAM_VIEW_SCALE and SEAM_DROPOUT set SEAM's) join the table
+# when METHODS names them.
 #
 #   DATASET=synthetic bash runners/compare-cams.sh        # the README's methods table (CPU, from scratch)
 #   DATASET=synthetic bash runners/compare-cams.sh --seeds 3   # or SEEDS=3: each method at seeds 0..2, mean ± sd
@@ -14,6 +15,7 @@
 #     CG_WEIGHTS=experiments/models/vanilla/synthetic-resnet18-e6-cmp.pth bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="vanilla mixup fmix manifold" bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="seam seam-ppc" PPC_VIEW_SIZE=48 bash runners/compare-cams.sh
+#   DATASET=synthetic METHODS=vanilla-ppc EID=lab PPC_FLAGS="--ppc_prototype_images labelled" bash runners/compare-cams.sh
 #   DATASET=synthetic METHODS="eps eps-ppc" SAL_DIR=experiments/predictions/<saliency of train_aug> bash runners/compare-cams.sh
 #   DATASET=voc12 NGPU=4 DATASETS_DIR=/data bash runners/compare-cams.sh
 set -euo pipefail
@@ -33,7 +35,8 @@ STAGES=${STAGES:-"train inference evaluate"}
 tag_of() { echo "$1/$DATASET-$ARCH-e$EPOCHS-$EID$(seed_suffix "$2")"; }
 
 method_flags() {
-  local ppc=(--ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}")
+  # shellcheck disable=SC2206  # PPC_FLAGS: more PPC flags, split into words
+  local ppc=(--ppc true --ppc_view_size "${PPC_VIEW_SIZE:-128}" ${PPC_FLAGS:-})
   case "$1" in
     vanilla) echo --augment "$AUGMENT_OC" ;;
     puzzle)  echo --alpha "$PUZZLE_ALPHA" ;;

@@ -73,6 +73,23 @@ def test_background_prototype_constant_takes_the_first_positions_complement_the_
         ppc.prototype_weights(scores, "median")
 
 
+def test_labelled_prototype_images_ignore_an_absent_class_blip_that_min_max_lifts_to_one():
+    # Image 0 holds class 1 (peak 10 at position 0); image 1 lacks it but has a faint blip of 0.01 at position 5.
+    # Min-max scaling lifts both to ~1, so with k = 2 the blip enters the top-k beside the true peak.
+    embeddings = torch.eye(8).reshape(1, 8, 2, 4).repeat(2, 1, 1, 1) + 0.01
+    cams = torch.zeros(2, 3, 2, 4)
+    cams[0, 1, 0, 0], cams[1, 1, 1, 1] = 10.0, 0.01
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    scores = ppc.normalized_scores(cams, bg_score=0.2)
+    assert scores[1, 1, 1, 1] > 0.99  # the blip of an absent class scores like a peak
+    everywhere = ppc.batch_prototypes(embeddings, ppc.prototype_weights(scores), topk_fraction=2 / 8)
+    labelled = ppc.batch_prototypes(embeddings, ppc.prototype_weights(scores, labels=labels), topk_fraction=2 / 8)
+    assert everywhere[1] @ embeddings[1, :, 1, 1] > 0.5  # the reference's rule takes image 1's blip in
+    torch.testing.assert_close(labelled[1], F.normalize(embeddings[0, :, 0, 0], dim=0))  # only image 0's peak
+    assert torch.equal(labelled[2], torch.zeros(8))  # class 2 is in no image: a zero prototype
+    torch.testing.assert_close(labelled[0], everywhere[0])  # the background channel is not masked
+
+
 def test_pseudo_labels_use_the_background_constant_and_the_image_labels():
     cams = torch.zeros(1, 3, 1, 3)
     cams[0, 1] = torch.tensor([0.0, 5.0, 10.0])  # present class: normalised to 0, ~0.5, ~1
@@ -177,6 +194,8 @@ def test_projection_head_shape_and_flags():
     assert ppc.PPCConfig.from_args(parser.parse_args([])) is None
     config = ppc.PPCConfig.from_args(parser.parse_args(["--ppc", "true", "--ppc_weight", "0.2"]))
     assert config == ppc.PPCConfig(bg_score=0.1, topk_fraction=1 / 16, weights=(0.2, 0.2, 0.2))
+    labelled = ppc.PPCConfig.from_args(parser.parse_args(["--ppc", "true", "--ppc_prototype_images", "labelled"]))
+    assert labelled.prototype_images == "labelled" and ppc.config_kwargs(labelled)["prototype_images"] == "labelled"
 
 
 def _local_prototypes() -> dict[str, torch.Tensor]:

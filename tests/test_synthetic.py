@@ -106,6 +106,23 @@ def test_bodies_look_the_same_for_every_class_and_emblems_differ():
     assert np.ptp(STRIPE_COLORS) > 150
 
 
+def test_body_tint_colours_the_bodies_by_class_and_keeps_the_layout():
+    for index in range(10):
+        plain = render_scene(96, 10, np.random.default_rng([4, index]))
+        tinted = render_scene(96, 10, np.random.default_rng([4, index]), body_tint=0.5)
+        np.testing.assert_array_equal(tinted.mask, plain.mask)  # same random draws: same objects and emblems
+        np.testing.assert_array_equal(tinted.emblem, plain.emblem)
+        image, base = tinted.image.astype(np.float64), plain.image.astype(np.float64)
+        for n, class_index in enumerate(tinted.classes, start=1):
+            body = (tinted.instances == n) & ~tinted.emblem
+            colour = emblem_style(class_index)[0].astype(np.float64)
+            # half stripe, half class colour (up to rounding)
+            assert np.abs(image[body] - (0.5 * base[body] + 0.5 * colour)).max() <= 1.0
+        assert (image[tinted.instances == 0] == base[tinted.instances == 0]).all()  # background untouched
+    with pytest.raises(WSSSError, match="body_tint"):
+        make_synthetic_voc(Path("unused"), train=1, val=0, aug=0, size=48, classes=2, body_tint=1.5)
+
+
 def test_emblem_styles_separate_every_pair_of_classes():
     styles = [emblem_style(k) for k in range(20)]
     for i in range(20):

@@ -34,6 +34,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_arg(parser, "--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     cli.add_arg(
+        parser,
+        "--body_tint",
+        type=float,
+        default=0.0,
+        help="control variant: mix this share of the class's emblem colour into the body stripes, so every body "
+        "pixel shows its class (default 0: class-agnostic bodies, the benchmark)",
+    )
+    cli.add_arg(
         parser, "--overwrite", action="store_true", help="regenerate a folder that already holds a synthetic set"
     )
     return parser
@@ -49,6 +57,7 @@ def main(args: argparse.Namespace) -> dict:
         classes=args.classes,
         seed=args.seed,
         overwrite=args.overwrite,
+        body_tint=args.body_tint,
     )
     logger.info(
         "splits %s; %.2f objects per image; emblems cover %.1f%% of object pixels",

@@ -9,7 +9,10 @@ A projection head (1x1 conv -> 128, ReLU) maps the classifier's last features to
   of the normalised (unmasked) CAMs, k = ``topk_fraction`` x the pixels of one image's grid; the prototype is the
   CAM-weighted mean of the raw (not normalised) embeddings there, then L2-normalised. The background channel is θ
   everywhere, so its top-k are ties and the batch's first k positions make its prototype, as in the reference;
-  ``--ppc_bg_prototype complement`` weighs it by ``1 - max_c`` of the class channels instead. Under DDP every process
+  ``--ppc_bg_prototype complement`` weighs it by ``1 - max_c`` of the class channels instead, and
+  ``--ppc_prototype_images labelled`` takes a class's top-k from the images labelled with it only (the reference
+  takes them from every image: min-max scaling lifts a faint positive blip of an absent class to the same ~1 as a
+  present class's peak, so its positions compete with the true ones). Under DDP every process
   all-gathers its local top-k candidates, so the prototypes equal those of one process holding the global batch
   (ties are broken by batch position, as a stable sort over the global batch would).
 
@@ -56,6 +59,7 @@ MINED_NEGATIVES = 10  # ... and the next 10 (ranks 4-13) are the negatives
 HARD_BAND = (0.1, 0.6)  # hard pixels: ranks from 10 % to 60 % in ascending similarity (the hardest 10 % dropped)
 TERMS = ("ppc_cp", "ppc_cc", "ppc_intra")
 BG_PROTOTYPES = ("constant", "complement")
+PROTOTYPE_IMAGES = ("all", "labelled")
 
 
 class ProjectionHead(nn.Module):
@@ -155,6 +159,16 @@ def add_ppc_args(
         "so the first top-k positions of the batch make it); complement = 1 - max_c of the normalised class maps "
         "(the least class-like positions)",
     )
+    add_arg(
+        group,
+        "--ppc_prototype_images",
+        type=str,
+        default="all",
+        choices=PROTOTYPE_IMAGES,
+        help="where a class prototype's top-k positions may come from: all = every image of the batch, as the "
+        "reference; labelled = only the images labelled with the class (a class absent from the batch then gets a "
+        "zero prototype)",
+    )
     return group
 
 
@@ -169,6 +183,7 @@ class PPCConfig:
     view_size: int = 128
     dim: int = 128
     bg_prototype: str = "constant"
+    prototype_images: str = "all"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PPCConfig | None:
@@ -190,6 +205,7 @@ class PPCConfig:
             view_size=int(args.ppc_view_size),
             dim=int(args.ppc_dim),
             bg_prototype=str(getattr(args, "ppc_bg_prototype", "constant")),
+            prototype_images=str(getattr(args, "ppc_prototype_images", "all")),
         )
 
 
@@ -211,18 +227,24 @@ def normalized_scores(cams: torch.Tensor, bg_score: float) -> torch.Tensor:
     return torch.cat([torch.full_like(fg[:, :1], float(bg_score)), fg], dim=1)
 
 
-def prototype_weights(scores: torch.Tensor, bg_prototype: str = "constant") -> torch.Tensor:
+def prototype_weights(
+    scores: torch.Tensor, bg_prototype: str = "constant", labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """The weights ``m`` of :func:`batch_prototypes`: ``scores`` themselves (``constant``: the background channel is
     θ everywhere), or with the background channel ``1 - max_c`` of the class channels (``complement``).
 
     Args:
         scores: float [B, 1 + C, h, w] from :func:`normalized_scores`.
+        labels: float [B, C] multi-hot: when given, a class channel is zeroed in the images not labelled with it
+            (``--ppc_prototype_images labelled``); the background channel is kept.
     """
-    if bg_prototype == "constant":
-        return scores
-    if bg_prototype != "complement":
+    if bg_prototype not in BG_PROTOTYPES:
         raise ValueError(f"unknown background prototype {bg_prototype!r}; choose from {', '.join(BG_PROTOTYPES)}")
-    return torch.cat([1 - scores[:, 1:].amax(dim=1, keepdim=True), scores[:, 1:]], dim=1)
+    classes = scores[:, 1:]
+    background = scores[:, :1] if bg_prototype == "constant" else 1 - classes.amax(dim=1, keepdim=True)
+    if labels is not None:
+        classes = classes * labels.to(classes.dtype)[:, :, None, None]
+    return torch.cat([background, classes], dim=1)
 
 
 def pseudo_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -375,6 +397,7 @@ def ppc_loss(
     weights: tuple[float, float, float] = (0.1, 0.1, 0.1),
     generator: torch.Generator | None = None,
     bg_prototype: str = "constant",
+    prototype_images: str = "all",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPC's ``L_nce = w_cp L_cp + w_cc L_cc + w_intra L_intra`` of two views (see the module docstring).
 
@@ -391,6 +414,7 @@ def ppc_loss(
         weights: (w_cp, w_cc, w_intra).
         generator: random stream of the hard pixel sampling (default: torch's global one).
         bg_prototype: the background prototype's weights (:func:`prototype_weights`).
+        prototype_images: ``all`` (the reference) or ``labelled``: class prototypes from the labelled images only.
 
     Returns:
         (scalar float32 loss with graphs into both embeddings only -- CAMs and prototypes carry no gradient --,
@@ -398,12 +422,24 @@ def ppc_loss(
     """
     if emb1.shape[0] != emb2.shape[0] or cams1.shape[:2] != cams2.shape[:2]:
         raise ValueError(f"views disagree: embeddings {emb1.shape} / {emb2.shape}, CAMs {cams1.shape} / {cams2.shape}")
+    if prototype_images not in PROTOTYPE_IMAGES:
+        raise ValueError(f"unknown prototype images {prototype_images!r}; choose from {', '.join(PROTOTYPE_IMAGES)}")
     if cams2.shape[2:] != emb2.shape[2:]:
         raise ValueError(f"view 2's CAMs {tuple(cams2.shape)} and embeddings {tuple(emb2.shape)} differ in size")
     with torch.autocast(device_type=emb2.device.type, enabled=False):  # similarities / τ need fp32
         embeddings = (emb1.float(), emb2.float())
         return _ppc_loss(
-            *embeddings, cams1, cams2, labels, bg_score, topk_fraction, tau, weights, generator, bg_prototype
+            *embeddings,
+            cams1,
+            cams2,
+            labels,
+            bg_score,
+            topk_fraction,
+            tau,
+            weights,
+            generator,
+            bg_prototype,
+            prototype_images == "labelled",
         )
 
 
@@ -419,6 +455,7 @@ def _ppc_loss(
     weights: tuple[float, float, float],
     generator: torch.Generator | None,
     bg_prototype: str,
+    labelled_only: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     size = emb2.shape[2:]
     if emb1.shape[2:] != size:
@@ -428,8 +465,9 @@ def _ppc_loss(
     scores1, scores2 = normalized_scores(cams1, bg_score), normalized_scores(cams2, bg_score)
     labels = labels.float()
     y1, y2 = pseudo_labels(scores1, labels).reshape(-1), pseudo_labels(scores2, labels).reshape(-1)
-    protos1 = batch_prototypes(emb1, prototype_weights(scores1, bg_prototype), topk_fraction)
-    protos2 = batch_prototypes(emb2, prototype_weights(scores2, bg_prototype), topk_fraction)
+    mask = labels if labelled_only else None
+    protos1 = batch_prototypes(emb1, prototype_weights(scores1, bg_prototype, mask), topk_fraction)
+    protos2 = batch_prototypes(emb2, prototype_weights(scores2, bg_prototype, mask), topk_fraction)
     v1, v2 = pixel_embeddings(emb1), pixel_embeddings(emb2)
 
     cross_proto = (contrast(v1, protos2, y1, tau) + contrast(v2, protos1, y2, tau)) / 2
@@ -463,6 +501,7 @@ def config_kwargs(config: PPCConfig) -> dict[str, Any]:
         "tau": config.tau,
         "weights": config.weights,
         "bg_prototype": config.bg_prototype,
+        "prototype_images": config.prototype_images,
     }
 
 

@@ -14,6 +14,9 @@ The tree written by :func:`make_synthetic_voc` is a plain VOC 2012 layout read b
 ``JPEGImages``, ``Annotations`` (VOC XML), ``SegmentationClass`` (palette PNG with a 255 band at object borders,
 for train+val), ``SegmentationClassAug`` (index PNG without band, like SBD, for train_aug) and
 ``ImageSets/Segmentation/{train,val,train_aug,trainval}.txt``. Output is byte-identical for a given seed.
+
+``body_tint`` > 0 gives a control variant: the stripes are mixed with the class's emblem colour in that proportion,
+so every body pixel shows its class (the scene layout and every random draw stay those of the untinted set).
 """
 
 from __future__ import annotations
@@ -262,8 +265,11 @@ def _occlusion_ok(body: np.ndarray, instances: np.ndarray, emblem_owner: np.ndar
     return True
 
 
-def render_scene(size: int, num_classes: int, rng: np.random.Generator, max_objects: int = 3) -> Scene:
-    """Render one synthetic image with 1..max_objects objects of classes ``0..num_classes-1``."""
+def render_scene(
+    size: int, num_classes: int, rng: np.random.Generator, max_objects: int = 3, body_tint: float = 0.0
+) -> Scene:
+    """Render one synthetic image with 1..max_objects objects of classes ``0..num_classes-1``; ``body_tint`` in
+    [0, 1] mixes each body's stripes with its class's emblem colour (0 = the class-agnostic benchmark)."""
     image = random_background(size, rng).astype(np.float32)
     instances = np.zeros((size, size), dtype=np.uint8)
     emblem_owner = np.zeros((size, size), dtype=np.uint8)
@@ -281,7 +287,10 @@ def render_scene(size: int, num_classes: int, rng: np.random.Generator, max_obje
         else:
             continue
         n = len(classes) + 1
-        image = np.where(body[..., None], striped_texture(size, rng), image)
+        texture = striped_texture(size, rng)
+        if body_tint:
+            texture = (1 - body_tint) * texture + body_tint * color.astype(np.float32)
+        image = np.where(body[..., None], texture, image)
         jitter = rng.integers(-12, 13, size=3)
         image[emblem] = np.clip(color.astype(np.int64) + jitter, 0, 255)
         instances[body] = n
@@ -377,6 +386,7 @@ def make_synthetic_voc(
     classes: int = 20,
     seed: int = 0,
     overwrite: bool = False,
+    body_tint: float = 0.0,
 ) -> dict:
     """Write a synthetic VOC 2012 tree at ``out`` (see the module docstring).
 
@@ -386,6 +396,7 @@ def make_synthetic_voc(
         size: image side in pixels (square images).
         classes: only the first ``classes`` VOC classes appear (1..20).
         seed: the same seed gives byte-identical files.
+        body_tint: share of the class colour in the body stripes, in [0, 1] (0 = the benchmark; see the module).
 
     Returns:
         Summary: ``num_images``, ``splits`` (sizes), ``classes`` (names), ``emblem_fraction`` (mean visible emblem
@@ -395,6 +406,8 @@ def make_synthetic_voc(
         raise WSSSError(f"--classes {classes} is out of range; pass 1..{MAX_CLASSES}")
     if size < 32 or min(train, val, aug) < 0 or train + aug == 0:
         raise WSSSError("need --size >= 32, non-negative --train/--val/--aug and at least one train or aug id")
+    if not 0 <= body_tint <= 1:
+        raise WSSSError(f"--body_tint {body_tint} is out of range; pass a share in [0, 1] (0 = untinted bodies)")
     out = Path(out)
     _prepare_output(out, overwrite)
     start = time.perf_counter()
@@ -406,7 +419,7 @@ def make_synthetic_voc(
     with_aug = set(splits["train"]) | set(splits["aug"])
     fractions, counts = [], []
     for image_id in sorted(with_original | with_aug):
-        scene = render_scene(size, classes, np.random.default_rng([seed, 2, int(image_id[5:])]))
+        scene = render_scene(size, classes, np.random.default_rng([seed, 2, int(image_id[5:])]), body_tint=body_tint)
         _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         _write(out / "JPEGImages" / f"{image_id}.jpg", jpeg.tobytes())
         _write(out / "Annotations" / f"{image_id}.xml", voc_xml(image_id, scene, class_names))
@@ -431,6 +444,7 @@ def make_synthetic_voc(
         "classes": class_names[:classes],
         "size": size,
         "seed": seed,
+        **({"body_tint": body_tint} if body_tint else {}),  # the default benchmark's marker stays as it was
         "emblem_fraction": float(np.mean(fractions)),
         "objects_per_image": float(np.mean(counts)),
     }
