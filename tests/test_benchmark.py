@@ -128,16 +128,19 @@ def test_bad_settings_are_one_line_errors(argv, message, capsys):
 
 def test_limits_are_measured_and_bound_their_stage(capsys):
     common = ["--size", "32", "--device", "cpu", "--threads", "1"]
-    train = run_json(
-        ["train", *common, "--batch_size", "2", "--steps", "5", "--warmup", "1", "--methods", "vanilla"], capsys
-    )
-    assert train["limit"]["images_per_s"] > 0
+    train_argv = ["train", *common, "--batch_size", "2", "--steps", "5", "--warmup", "1", "--methods", "vanilla"]
+    infer_argv = ["inference", *common, "--scales", "1.0,0.5", "--images", "3", "--warmup", "1"]
+    # A step does the limit's forward + backward and more, so it stays near 100 % of it or below. Millisecond steps on
+    # a loaded CPU can be preempted during either measurement: the check takes the best of up to three attempts.
+    for _attempt in range(3):
+        train, infer = run_json(train_argv, capsys), run_json(infer_argv, capsys)
+        shares = [train["methods"]["vanilla"]["pct_of_limit"], infer["pct_of_limit"], infer["file_pct_of_limit"]]
+        assert min(shares) > 0
+        if max(shares) < 150:
+            break
+    assert max(shares) < 150, shares
+    assert train["limit"]["images_per_s"] > 0 and infer["limit"]["images_per_s"] > 0
     assert train["limit"]["images_per_s"] == pytest.approx(2 / (train["limit"]["step_ms"] / 1000), rel=0.01)
-    # A step does the limit's forward + backward and more; a shared CPU may blur that, not by half.
-    assert 0 < train["methods"]["vanilla"]["pct_of_limit"] < 150
-    infer = run_json(["inference", *common, "--scales", "1.0,0.5", "--images", "3", "--warmup", "1"], capsys)
-    assert infer["limit"]["images_per_s"] > 0
-    assert 0 < infer["pct_of_limit"] < 150 and 0 < infer["file_pct_of_limit"] < 150
     assert infer["file_images_per_s"] > 0
 
 
