@@ -3,6 +3,7 @@
 * :func:`run_over_images` runs a per-image writer over a domain: ids are sharded over torchrun ranks
   (``ids[rank::world]``), finished ids are skipped (resume), images are decoded ahead by DataLoader workers, rank 0
   shows a progress bar, and a CUDA out-of-memory error stops with the image's name (:func:`stop_on_oom`).
+  :func:`run_over_image_batches` is the same loop with a writer that takes several images of one size at once.
 
 Every file is written through :mod:`core.artifacts`, i.e. atomically: a file that exists is complete.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 ItemWriter = Callable[[dict[str, Any]], None]
+BatchWriter = Callable[[list[dict[str, Any]]], None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,6 +238,44 @@ def run_over_images(
     Raises:
         WSSSError: an image cannot be read; outputs written before it are kept.
     """
+    return run_over_image_batches(
+        source, ids, lambda items: fn(items[0]), out_dir, suffix, num_workers=num_workers, desc=desc, progress=progress
+    )
+
+
+def image_shape(item: dict[str, Any]) -> tuple[int, ...]:
+    """The default grouping key of :func:`run_over_image_batches`: the decoded image's shape."""
+    return item["image"].shape
+
+
+def run_over_image_batches(
+    source: Any,
+    ids: Sequence[str],
+    fn: BatchWriter,
+    out_dir: str | Path,
+    suffix: str,
+    *,
+    batch_size: int = 1,
+    group_key: Callable[[dict[str, Any]], Hashable] = image_shape,
+    num_workers: int = 0,
+    desc: str = "images",
+    progress: bool | None = None,
+) -> LoopSummary:
+    """:func:`run_over_images` with ``fn`` taking a list of up to ``batch_size`` items of one ``group_key``.
+
+    Decoded images wait in one group per key (the image shape by default, so that they can share a forward pass);
+    a full group goes to ``fn`` at once, and when more than four batches' worth wait, the fullest group goes as it
+    is. An unreadable image first sends every waiting group, so that all images read before it are written.
+
+    Args:
+        fn: writes the output of every item of the list (each ``{"id", "image", "label"}``), each through an atomic
+            writer; it must create ``<out_dir>/<id><suffix>`` for every item.
+        batch_size: most items per call (1: one call per image, in id order).
+        group_key: items with equal keys may share a call.
+        source, ids, out_dir, suffix, num_workers, desc, progress: as :func:`run_over_images`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -249,15 +289,40 @@ def run_over_images(
     start = time.perf_counter()
     written = 0
     loader = build_image_loader(source, todo, num_workers)
-    for item in tqdm(loader, total=len(todo), desc=desc, disable=hide, leave=False):
-        if "error" in item:
-            raise WSSSError(item["error"])
-        fn(item)
-        if not (out_dir / f"{item['id']}{suffix}").is_file():
-            raise RuntimeError(f"{desc}: the writer returned without creating {out_dir / (item['id'] + suffix)}")
-        written += 1
+    with tqdm(total=len(todo), desc=desc, disable=hide, leave=False) as bar:
+        for group in group_items(loader, batch_size, group_key):
+            if "error" in group[0]:
+                raise WSSSError(group[0]["error"])
+            fn(group)
+            for item in group:
+                if not (path := out_dir / f"{item['id']}{suffix}").is_file():
+                    raise RuntimeError(f"{desc}: the writer returned without creating {path}")
+            written += len(group)
+            bar.update(len(group))
     seconds = time.perf_counter() - start
     return gather_summary(written, len(mine) - len(todo), seconds)
+
+
+def group_items(
+    items: Iterable[dict[str, Any]], batch_size: int, key: Callable[[dict[str, Any]], Hashable]
+) -> Iterator[list[dict[str, Any]]]:
+    """Lists of up to ``batch_size`` items with equal ``key``, as :func:`run_over_image_batches` describes; an item
+    with an ``"error"`` comes alone, after every waiting group."""
+    waiting: dict[Hashable, list[dict[str, Any]]] = {}
+    most_waiting = 4 * batch_size
+    for item in items:
+        if "error" in item:
+            yield from waiting.values()
+            waiting.clear()
+            yield [item]
+            continue
+        group = waiting.setdefault(key(item), [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield waiting.pop(key(item))
+        elif sum(map(len, waiting.values())) > most_waiting:
+            yield waiting.pop(max(waiting, key=lambda k: len(waiting[k])))
+    yield from waiting.values()
 
 
 def gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
@@ -270,19 +335,23 @@ def gather_summary(written: int, skipped: int, seconds: float) -> LoopSummary:
 
 
 @contextmanager
-def stop_on_oom(image_id: str, size: tuple[int, int], hint: str) -> Iterator[None]:
+def stop_on_oom(image_ids: str | Sequence[str], size: tuple[int, int], hint: str) -> Iterator[None]:
     """Turn a CUDA out-of-memory error into a WSSSError naming the image (no silent skipping, SPEC §13.2.16).
 
     Args:
-        image_id: the image being processed.
-        size: its (H, W).
-        hint: what to change, e.g. ``"--resize 512 or fewer --scales"``.
+        image_ids: the image being processed, or the images of a batch (all of one size).
+        size: their (H, W).
+        hint: what to change, e.g. ``"--resize 512 or fewer --scales"``; a batch of several images adds
+            ``--batch_size 1``.
     """
+    ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
+        what = f"image {ids[0]}" if len(ids) == 1 else f"a batch of {len(ids)} images (first: {first_ids(ids)})"
+        fix = hint if len(ids) == 1 else f"--batch_size 1, or {hint}"
         raise WSSSError(
-            f"CUDA out of memory on image {image_id} ({size[0]}x{size[1]}); files written so far are kept: "
-            f"rerun the same command with {hint}"
+            f"CUDA out of memory on {what} ({size[0]}x{size[1]}); files written so far are kept: "
+            f"rerun the same command with {fix}"
         ) from e

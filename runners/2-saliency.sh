@@ -18,7 +18,7 @@ domains=("$SAL_DOMAIN"); [[ "$DOMAIN_VALID" == "$SAL_DOMAIN" ]] || domains+=("$D
 if has_stage cams; then  # the hints: P-NOC CAMs of the domain C²AM-H trains on
   $LAUNCH "$REPO/scripts/cam/inference.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$SAL_DOMAIN" \
     --architecture "$ARCH" --mode normal --dilated false --tag "$TAG_PNOC" --scales "$SCALES" \
-    --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER"
+    --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER" --batch_size "$BATCH_INFER"
 fi
 
 if has_stage ccamh && ! done_already "$TAG_CCAMH"; then

@@ -23,7 +23,7 @@ for DOMAIN in $RW_DOMAINS; do  # the P-NOC CAMs the walk starts from (1-priors.s
     require "experiments/models/$TAG_PNOC.pth" runners/1-priors.sh
     $LAUNCH "$REPO/scripts/cam/inference.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$DOMAIN" \
       --architecture "$ARCH" --mode normal --dilated false --tag "$TAG_PNOC" --scales "$SCALES" \
-      --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER"
+      --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER" --batch_size "$BATCH_INFER"
   fi
 done
 

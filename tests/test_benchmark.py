@@ -81,6 +81,7 @@ def test_inference_reports_images_per_second(capsys):
     )
     assert result["benchmark"] == "inference" and result["scales"] == [1.0, 0.5] and result["images"] == 2
     assert result["images_per_s"] == pytest.approx(1000 / result["ms_per_image"], rel=0.01)
+    assert result["batch_size"] == 1
 
 
 def test_evaluate_subcommand_still_runs(capsys):
@@ -129,7 +130,7 @@ def test_bad_settings_are_one_line_errors(argv, message, capsys):
 def test_limits_are_measured_and_bound_their_stage(capsys):
     common = ["--size", "32", "--device", "cpu", "--threads", "1"]
     train_argv = ["train", *common, "--batch_size", "2", "--steps", "5", "--warmup", "1", "--methods", "vanilla"]
-    infer_argv = ["inference", *common, "--scales", "1.0,0.5", "--images", "3", "--warmup", "1"]
+    infer_argv = ["inference", *common, "--scales", "1.0,0.5", "--images", "3", "--warmup", "1", "--batch_size", "2"]
     # A step does the limit's forward + backward and more, so it stays near 100 % of it or below. Millisecond steps on
     # a loaded CPU can be preempted during either measurement: the check takes the best of up to three attempts.
     for _attempt in range(3):
@@ -141,7 +142,8 @@ def test_limits_are_measured_and_bound_their_stage(capsys):
     assert max(shares) < 150, shares
     assert train["limit"]["images_per_s"] > 0 and infer["limit"]["images_per_s"] > 0
     assert train["limit"]["images_per_s"] == pytest.approx(2 / (train["limit"]["step_ms"] / 1000), rel=0.01)
-    assert infer["file_images_per_s"] > 0
+    assert infer["file_images_per_s"] > 0 and (infer["images"], infer["batch_size"]) == (6, 2)
+    assert infer["limit"]["images_per_s"] == pytest.approx(1000 / infer["limit"]["ms_per_image"], rel=0.01)
 
 
 def test_ppc_reports_each_step_beside_its_baseline(capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.cam.cams import multiscale_cams, normalize_cams, resize_bicubic
+from core.cam.cams import multiscale_cams, multiscale_cams_batch, normalize_cams, resize_bicubic
 from core.labels import cams_to_label_map, label_map_with_ignore
 from core.models import Classifier
 
@@ -212,3 +212,50 @@ def test_channels_last_gives_the_same_fp32_cams_as_contiguous():
         model, image, scales=(1.0, 0.5), device="cpu", keys=[1, 3], channels_last=True
     )
     assert np.abs(cam_cl - cam).max() < 1e-4 and np.abs(hr_cam_cl - hr_cam).max() < 1e-4
+
+
+def _batch_models() -> dict[str, nn.Module]:
+    from core.cam.eps import EPSClassifier
+    from core.cam.seam import SeamClassifier
+    from core.ccam.network import CCAM
+
+    torch.manual_seed(0)
+    return {
+        "classifier": Classifier("resnet18", 4, backbone_weights="none").eval(),
+        "seam": SeamClassifier("resnet18", 4, backbone_weights="none").eval(),  # PCM: per-image affinities
+        "eps": EPSClassifier("resnet18", 4, backbone_weights="none").eval(),
+        "ccam": CCAM("resnet18", backbone_weights="none").eval(),
+    }
+
+
+@pytest.mark.parametrize("name", ["classifier", "seam", "eps", "ccam"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_batch_gives_each_image_the_cams_it_gets_alone(name, channels_last):
+    model = _batch_models()[name]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images = [_image(40, 36, seed=s) for s in range(4)]
+    keys = [[1], [1], [], [1]] if name == "ccam" else [[1, 3], [2], [], [4, 1, 2]]
+    extra = {"activation": "sigmoid", "average": True} if name == "ccam" else {}
+    sizes = [(40, 36), (80, 72), (40, 36), (33, 50)]  # output sizes may differ (--resize maps back per image)
+    common = {"scales": (1.0, 0.5), "device": "cpu", "channels_last": channels_last, **extra}
+    batched = multiscale_cams_batch(model, images, keys=keys, output_sizes=sizes, **common)
+    assert len(batched) == len(images)
+    for image, image_keys, size, (got_keys, cam, hr_cam) in zip(images, keys, sizes, batched, strict=True):
+        alone_keys, alone_cam, alone_hr = multiscale_cams(model, image, keys=image_keys, output_size=size, **common)
+        assert got_keys.tolist() == alone_keys.tolist() == list(image_keys)
+        assert cam.shape == alone_cam.shape and hr_cam.shape == alone_hr.shape == (len(image_keys), *size)
+        assert np.abs(cam - alone_cam).max(initial=0) < 1e-5 and np.abs(hr_cam - alone_hr).max(initial=0) < 1e-5
+    # The images' maps differ (so a batch that mixed them up would have failed above).
+    _, _, other = multiscale_cams(model, images[3], keys=[1], output_size=sizes[0], **common)
+    assert np.abs(batched[0][2][0] - other[0]).max() > 0.05
+
+
+def test_a_batch_needs_images_of_one_size_and_one_key_list_per_image(strided_model):
+    with pytest.raises(ValueError, match="images of one size"):
+        multiscale_cams_batch(strided_model, [_image(16, 16), _image(16, 20)], device="cpu")
+    with pytest.raises(ValueError, match="2 images but 1 keys"):
+        multiscale_cams_batch(strided_model, [_image(16, 16), _image(16, 16)], device="cpu", keys=[[1]])
+    assert multiscale_cams_batch(strided_model, [], device="cpu") == []
+    all_keys = multiscale_cams_batch(strided_model, [_image(16, 16)] * 2, scales=(1.0,), device="cpu")
+    assert [k.tolist() for k, _, _ in all_keys] == [[1, 2, 3], [1, 2, 3]]

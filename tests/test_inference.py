@@ -233,22 +233,48 @@ def test_user_errors_are_one_line_and_exit_2(work, synthetic_voc, capsys):
     assert "has a foreground class" in error_of(flags(root, "--dataset", "custom", domain="three"))
 
 
-def test_cuda_out_of_memory_stops_naming_the_image_and_keeps_finished_files(work, synthetic_voc, monkeypatch):
+def second_call_runs_out_of_memory(monkeypatch) -> None:
+    """Make the second call of CAM inference's batch function raise CUDA's out-of-memory error."""
     calls = []
-    real = cam_inference.multiscale_cams
+    real = cam_inference.multiscale_cams_batch
 
-    def second_call_runs_out_of_memory(*args, **kwargs):
+    def run_out_on_the_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cam_inference, "multiscale_cams", second_call_runs_out_of_memory)
+    monkeypatch.setattr(cam_inference, "multiscale_cams_batch", run_out_on_the_second)
+
+
+def test_cuda_out_of_memory_stops_naming_the_image_and_keeps_finished_files(work, synthetic_voc, monkeypatch):
+    second_call_runs_out_of_memory(monkeypatch)
     ids = build_source("voc12", synthetic_voc, str(work / "few.txt")).ids
     with pytest.raises(WSSSError, match=f"CUDA out of memory on image {ids[1]} \\(64x64\\).*--resize") as error:
         run(flags(synthetic_voc, "--scales", "1.0", "--pred_dir", "oom"))
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "--batch_size" not in str(error.value)
     assert sorted(p.name for p in Path("oom").glob("*.npz")) == [f"{ids[0]}.npz"]
+
+    second_call_runs_out_of_memory(monkeypatch)  # a batch of two: both named, --batch_size 1 suggested
+    with pytest.raises(WSSSError, match=f"on a batch of 2 images \\(first: {ids[2]}, {ids[3]}\\).*--batch_size 1"):
+        run(flags(synthetic_voc, "--scales", "1.0", "--pred_dir", "oom2", "--batch_size", "2"))
+    assert sorted(p.name for p in Path("oom2").glob("*.npz")) == [f"{ids[0]}.npz", f"{ids[1]}.npz"]
+
+
+def test_batched_inference_writes_the_same_cams_and_resumes(work, synthetic_voc):
+    one = run(flags(synthetic_voc, "--pred_dir", "one"))
+    ids = build_source("voc12", synthetic_voc, str(work / "few.txt")).ids
+    first = run(flags(synthetic_voc, "--pred_dir", "batched", "--batch_size", "3", domain="few.txt"))
+    assert (first["written"], first["skipped"]) == (FEW_IDS, 0)
+    Path("batched", f"{ids[1]}.npz").unlink()  # an interrupted run: one file missing
+    again = run(flags(synthetic_voc, "--pred_dir", "batched", "--batch_size", "3"))
+    assert (again["written"], again["skipped"]) == (1, FEW_IDS - 1)
+    for image_id in ids:
+        alone, batched = load_cam(Path(one["out_dir"]) / f"{image_id}.npz"), load_cam(Path(f"batched/{image_id}.npz"))
+        assert batched.keys.tolist() == alone.keys.tolist()
+        assert np.abs(batched.cam - alone.cam).max() < 1e-5 and np.abs(batched.hr_cam - alone.hr_cam).max() < 1e-5
+    # --batch_size is how the files are computed, not what they hold: another value resumes the same folder.
+    assert run(flags(synthetic_voc, "--pred_dir", "batched"))["skipped"] == FEW_IDS
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -291,6 +317,33 @@ def test_run_over_images_reports_an_unreadable_image_in_one_line(tmp_path, synth
     with pytest.raises(WSSSError, match=f"cannot decode image .*{ids[2]}.jpg") as error:
         inference.run_over_images(source, ids, write, tmp_path, ".out", num_workers=1, progress=False)
     assert "\n" not in str(error.value) and written == ids[:2]
+
+
+def _item(image_id: str, height: int) -> dict:
+    return {"id": image_id, "image": np.zeros((height, 8, 3), np.uint8)}
+
+
+def test_group_items_batches_equal_shapes_and_sends_waiting_groups_before_an_error():
+    items = [_item("a", 4), _item("b", 6), _item("c", 4), _item("d", 4), _item("e", 6)]
+    groups = list(inference.group_items(items, 2, inference.image_shape))
+    assert [[i["id"] for i in g] for g in groups] == [["a", "c"], ["b", "e"], ["d"]]
+    assert [[i["id"] for i in g] for g in inference.group_items(items, 1, inference.image_shape)] == [
+        ["a"], ["b"], ["c"], ["d"], ["e"]
+    ]  # fmt: skip
+    broken = [_item("a", 4), _item("b", 6), {"id": "x", "error": "cannot decode"}, _item("c", 4)]
+    assert [[i["id"] for i in g] for g in inference.group_items(broken, 4, inference.image_shape)] == [
+        ["a"], ["b"], ["x"], ["c"]
+    ]  # fmt: skip
+    # More than four batches' worth waiting (13 items, batch 3): the fullest group goes before it is full.
+    many = [_item("1", 1), _item("1b", 1)] + [_item(str(h), h) for h in range(2, 13)]
+    early = next(iter(inference.group_items(many, 3, inference.image_shape)))
+    assert [i["id"] for i in early] == ["1", "1b"]
+    spread = [_item(str(h), h) for h in range(1, 11)]
+    first = next(iter(inference.group_items(spread, 2, inference.image_shape)))
+    assert len(first) == 1  # nothing pairs up: the first group goes once nine items wait
+    assert sorted(i["id"] for g in inference.group_items(spread, 2, inference.image_shape) for i in g) == sorted(
+        i["id"] for i in spread
+    )
 
 
 def test_labels_helpers():

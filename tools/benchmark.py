@@ -8,9 +8,10 @@
                (core.cam.methods, core.cam.subcategory); warm-up steps excluded. Beside it the limit measured on the
                spot: one forward + backward of the same network and batch, nothing else (timed alternately with the
                steps, medians), and the step's share of it (pct_of_limit).
-    inference  images/s of core.cam.cams.multiscale_cams (multi-scale + flip CAMs of random square images), of a whole
-               CAM file (the same plus save_cam), and the limit: the forward passes of the same scales and flips
-               of the same images on prepared batches, nothing else (timed alternately, medians).
+    inference  images/s of core.cam.cams.multiscale_cams_batch (multi-scale + flip CAMs of --batch_size random square
+               images per call, as scripts/cam/inference.py --batch_size), of whole CAM files (the same plus
+               save_cam), and the limit: the forward passes of the same scales and flips of the same images on
+               prepared batches, nothing else (timed alternately, medians).
     ppc        PPC's overhead per training step: the vanilla and SEAM steps without --ppc, and with it at each
                second-view side of --views (SEAM's own view, x0.3, gives way to PPC's; the published recipe's
                128 px view of a 448 px crop is the same ratio), and PPC's loss alone (forward + backward on
@@ -81,7 +82,7 @@ from torch import nn
 from core import cli
 from core.artifacts import cam_path, load_cam, save_cam, save_label_map, strided_size
 from core.cam import methods, ppc, seam, subcategory
-from core.cam.cams import imagenet_normalize, multiscale_cams, resize_bicubic
+from core.cam.cams import multiscale_cams, multiscale_cams_batch, resize_bicubic
 from core.cam.occse import LabelSplitter
 from core.cam.ppc import PPCClassifier
 from core.cam.seam import SeamClassifier
@@ -96,6 +97,7 @@ from core.errors import WSSSError
 from core.evaluation import evaluate_predictions, threshold_range
 from core.labels import IGNORE_INDEX, compact_labels, pseudo_mask
 from core.models import BACKBONES, Classifier, SubcategoryClassifier
+from core.multiscale import flip_pairs_batch
 from core.optim import build_optimizer, build_param_groups
 from core.parallel import chunked, default_num_workers, parallel_map
 from core.precision import ComputeFormat, compute_format, log_compute_format
@@ -282,8 +284,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, size=320)
     cli.add_arg(parser, "--scales", type=cli.float_list, default=[0.5, 1.0, 1.5, 2.0], help="comma-separated scales")
-    cli.add_arg(parser, "--images", type=int, default=8, help="timed images (default 8)")
-    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed images first (default 1)")
+    cli.add_arg(parser, "--images", type=int, default=8, help="timed calls (default 8), of --batch_size images each")
+    cli.add_arg(parser, "--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    cli.add_arg(
+        parser,
+        "--batch_size",
+        type=cli.positive_int,
+        default=1,
+        help="images per forward pass, as scripts/cam/inference.py --batch_size (default 1)",
+    )
     cli.add_arg(parser, "--classes", type=int, default=2, help="GT classes kept per image (default 2)")
 
 
@@ -508,32 +517,34 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _scale_batches(image: np.ndarray, scales: list[float], fmt: ComputeFormat, device: torch.device) -> list:
-    """The (image, mirror) batch of every scale, as multiscale_cams feeds them (prepared outside the timing)."""
-    batches = []
-    for scale in scales:
-        single = torch.from_numpy(imagenet_normalize(resize_bicubic(image, scale)))
-        batch = torch.stack([single, single.flip(-1)]).to(device)
-        batches.append(batch.contiguous(memory_format=torch.channels_last) if fmt.channels_last else batch)
-    return batches
+def _scale_batches(
+    images: list[np.ndarray], scales: list[float], fmt: ComputeFormat, device: torch.device
+) -> list[torch.Tensor]:
+    """The batch of every scale (each image followed by its mirror), as multiscale_cams_batch feeds them (prepared
+    outside the timing)."""
+    return [
+        flip_pairs_batch([resize_bicubic(image, scale) for image in images], device, fmt.channels_last)
+        for scale in scales
+    ]
 
 
 def cam_inference_bench(
-    args: argparse.Namespace, device: torch.device, fmt: ComputeFormat, folder: Path
+    args: argparse.Namespace, device: torch.device, fmt: ComputeFormat, folder: Path, batch: int = 1
 ) -> dict[str, Callable[[], Any]]:
-    """CAM inference of one random ``--size`` square image with ``--classes`` GT classes: ``cams`` (multi-scale +
-    flip, :func:`core.cam.cams.multiscale_cams`), ``file`` (the same plus :func:`save_cam` into ``folder``) and
-    ``limit`` (the forward passes of the same scales and flips on prepared batches, nothing else)."""
+    """CAM inference of ``batch`` random ``--size`` square images with ``--classes`` GT classes each, in one call:
+    ``cams`` (multi-scale + flip, :func:`core.cam.cams.multiscale_cams_batch`), ``file`` (the same plus
+    :func:`save_cam` of each into ``folder``) and ``limit`` (the forward passes of the same scales and flips on prepared
+    batches, nothing else)."""
     model = _inference_model(args, device, fmt)
     rng = np.random.default_rng(args.seed)
-    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    keys = np.sort(rng.choice(np.arange(1, BENCH_CLASSES + 1), args.classes, replace=False))
-    batches = _scale_batches(image, args.scales, fmt, device)
+    images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(batch)]
+    keys = [np.sort(rng.choice(np.arange(1, BENCH_CLASSES + 1), args.classes, replace=False)) for _ in range(batch)]
+    batches = _scale_batches(images, args.scales, fmt, device)
 
-    def cams() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return multiscale_cams(
+    def cams() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return multiscale_cams_batch(
             model,
-            image,
+            images,
             args.scales,
             device=device,
             keys=keys,
@@ -541,12 +552,16 @@ def cam_inference_bench(
             channels_last=fmt.channels_last,
         )
 
+    def files() -> None:
+        for index, result in enumerate(cams()):
+            save_cam(folder / f"cam{index}.npz", *result)
+
     def forwards() -> None:
         with torch.inference_mode(), fmt.autocast():
-            for batch in batches:
-                model(batch, with_cam=True)
+            for scale_batch in batches:
+                model(scale_batch, with_cam=True)
 
-    return {"limit": forwards, "cams": cams, "file": lambda: save_cam(folder / "cam.npz", *cams())}
+    return {"limit": forwards, "cams": cams, "file": files}
 
 
 def run_inference(args: argparse.Namespace) -> dict[str, Any]:
@@ -554,28 +569,31 @@ def run_inference(args: argparse.Namespace) -> dict[str, Any]:
         raise WSSSError(f"--classes must lie in 1..{BENCH_CLASSES}, got {args.classes}")
     device = _setup_torch(args)
     fmt = _compute(args, device)
+    batch = args.batch_size
     with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
-        seconds = _interleaved(cam_inference_bench(args, device, fmt, Path(tmp)), args.images, args.warmup, device)
+        bench = cam_inference_bench(args, device, fmt, Path(tmp), batch)
+        seconds = _interleaved(bench, args.images, args.warmup, device)
     return {
         "benchmark": "inference",
         "architecture": args.architecture,
         "size": args.size,
         "scales": list(args.scales),
-        "images": args.images,
+        "images": args.images * batch,
+        "batch_size": batch,
         "classes": args.classes,
         "device": str(device),
         "mixed_precision": bool(args.mixed_precision),
         "amp_dtype": str(fmt.amp_dtype or torch.float32).replace("torch.", ""),
         "channels_last": fmt.channels_last,
         "threads": torch.get_num_threads(),
-        "images_per_s": round(1.0 / seconds["cams"], 3),
-        "ms_per_image": round(1000 * seconds["cams"], 1),
-        "file_images_per_s": round(1.0 / seconds["file"], 3),
-        "file_ms_per_image": round(1000 * seconds["file"], 1),
+        "images_per_s": round(batch / seconds["cams"], 3),
+        "ms_per_image": round(1000 * seconds["cams"] / batch, 1),
+        "file_images_per_s": round(batch / seconds["file"], 3),
+        "file_ms_per_image": round(1000 * seconds["file"] / batch, 1),
         "limit": {
-            "what": "forward passes of the scales and flips of the same image",
-            "images_per_s": round(1.0 / seconds["limit"], 3),
-            "ms_per_image": round(1000 * seconds["limit"], 1),
+            "what": "forward passes of the scales and flips of the same images, batch_size images per pass",
+            "images_per_s": round(batch / seconds["limit"], 3),
+            "ms_per_image": round(1000 * seconds["limit"] / batch, 1),
         },
         "pct_of_limit": round(100 * seconds["limit"] / seconds["cams"], 1),
         "file_pct_of_limit": round(100 * seconds["limit"] / seconds["file"], 1),
@@ -746,7 +764,7 @@ def ccam_inference_bench(args: argparse.Namespace, device: torch.device, fmt: Co
     model = CCAM(args.architecture, backbone_weights="none").to(device).eval()
     model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
     image = np.random.default_rng(args.seed).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    batches = _scale_batches(image, args.scales, fmt, device)
+    batches = _scale_batches([image], args.scales, fmt, device)
 
     def maps() -> None:
         multiscale_cams(
@@ -1057,7 +1075,7 @@ def seg_inference_bench(args: argparse.Namespace, device: torch.device, fmt: Com
     model = seg_training.network_from_flags(_seg_flags(args), SEG_CLASSES).to(device).eval()
     model = model.to(memory_format=torch.channels_last) if fmt.channels_last else model
     image = np.random.default_rng(args.seed).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    batches = _scale_batches(image, args.scales, fmt, device)
+    batches = _scale_batches([image], args.scales, fmt, device)
 
     def probs() -> None:
         multiscale_probs(
@@ -1129,7 +1147,7 @@ SEG_CLASSES_OF = {"voc12": 21, "coco14": 81}  # the softmax CRF of DeepLabV3+'s 
 _VOC_RECIPE: dict[str, Any] = {
     # dataset.sh, cam.sh
     "DOMAIN_TRAIN": "train_aug", "DOMAIN_VALID": "train", "ARCH": "resnest269", "IMAGE_SIZE": 512, "EPOCHS": 15,
-    "BATCH_OC": 32, "BATCH_PNOC": 16, "MIXED_PRECISION": "true", "SCALES": "0.5,1.0,1.5,2.0",
+    "BATCH_OC": 32, "BATCH_PNOC": 16, "MIXED_PRECISION": "true", "SCALES": "0.5,1.0,1.5,2.0", "BATCH_INFER": 1,
     # saliency.sh
     "SAL_DOMAIN": "train_aug", "ARCH_SAL": "resnest269", "IMAGE_SIZE_SAL": 448, "EPOCHS_SAL": 10, "BATCH_SAL": 64,
     "CRF_T": 10, "CRF_GT": 0.7, "ARCH_PN": "resnet50", "EPOCHS_PN": 9, "BATCH_PN": 1, "HEAD_SCALE_PN": 1,
@@ -1193,7 +1211,7 @@ def pipeline_plan(recipe: dict[str, Any], image_side: int, seg_classes: int) -> 
         ),
         "cam_inference": stage(
             "1-priors.sh, 2-saliency.sh, 3-rw.sh", "multi-scale + flip CAMs and their file", cam_domains, 1,
-            architecture=r["ARCH"], scales=r["SCALES"], **infer,
+            architecture=r["ARCH"], scales=r["SCALES"], **infer | {"batch_size": r["BATCH_INFER"]},
         ),
         "ccamh_train": stage(
             "2-saliency.sh", "C²AM-H step", [r["SAL_DOMAIN"]], r["EPOCHS_SAL"],
@@ -1365,7 +1383,10 @@ def _stage_fn(
             f"{rw_training.smallest_crop()} px; pass --recipe IMAGE_SIZE_AFF={rw_training.smallest_crop()} or more"
         )
     builders: dict[str, Callable[[], tuple[Callable[[], Any], int]]] = {
-        "cam_inference": lambda: (cam_inference_bench(args, device, fmt, folder)["file"], 1),
+        "cam_inference": lambda: (
+            cam_inference_bench(args, device, fmt, folder, args.batch_size)["file"],
+            args.batch_size,
+        ),
         "ccamh_train": lambda: (ccam_train_bench(args, device)["stage"], args.batch_size),
         "ccamh_inference": lambda: (ccam_inference_bench(args, device, fmt)["stage"], 1),
         "saliency_crf": lambda: (crf_bench(args, folder)["stage"], args.crf_images),

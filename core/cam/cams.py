@@ -11,6 +11,7 @@ from core.multiscale import (
     imagenet_normalize,
     max_normalize,
     multiscale_cams,
+    multiscale_cams_batch,
     normalize_cams,
     resize_bicubic,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "imagenet_normalize",
     "max_normalize",
     "multiscale_cams",
+    "multiscale_cams_batch",
     "normalize_cams",
     "resize_bicubic",
 ]

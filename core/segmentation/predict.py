@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.multiscale import flip_pair_batch, resize_bicubic
+from core.multiscale import flip_pairs_batch, resize_bicubic
 
 
 def multiscale_probs(
@@ -47,7 +47,7 @@ def multiscale_probs(
     total = None
     with torch.inference_mode():
         for scale in scales:
-            batch = flip_pair_batch(resize_bicubic(image, scale), device, channels_last)
+            batch = flip_pairs_batch([resize_bicubic(image, scale)], device, channels_last)
             if not flip:
                 batch = batch[:1]
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

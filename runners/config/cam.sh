@@ -27,7 +27,7 @@ cam_infer_and_evaluate() {
   if has_stage inference; then
     $LAUNCH "$REPO/scripts/cam/inference.py" --dataset "$SOURCE" --data_dir "$DATA_DIR" --domain "$domain" \
       --architecture "$ARCH" --mode normal --dilated false --tag "$tag" --scales "$SCALES" \
-      --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER"
+      --mixed_precision "$MIXED_PRECISION" --num_workers "$WORKERS_INFER" --batch_size "$BATCH_INFER"
   fi
   if has_stage evaluate; then
     mkdir -p "experiments/results/$DATASET"

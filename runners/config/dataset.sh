@@ -11,7 +11,8 @@ case "$DATASET" in
     LR=${LR:-0.1}; WD=${WD:-1e-4}
     ARCH=${ARCH:-resnest269}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-imagenet}
     EPOCHS=${EPOCHS:-15}; BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-16}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-2}
-    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0} ;;
+    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0}
+    BATCH_INFER=${BATCH_INFER:-1} ;;
   coco14)
     SOURCE=coco14
     DATA_DIR=${DATA_DIR:-$DATASETS_DIR/coco14}
@@ -20,7 +21,8 @@ case "$DATASET" in
     LR=${LR:-0.05}; WD=${WD:-1e-4}
     ARCH=${ARCH:-resnest269}; BACKBONE_WEIGHTS=${BACKBONE_WEIGHTS:-imagenet}
     EPOCHS=${EPOCHS:-15}; BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-16}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-2}
-    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0} ;;
+    MIXED_PRECISION=${MIXED_PRECISION:-true}; OPTIMIZER=${OPTIMIZER:-sgd}; AUGMENT_OC=${AUGMENT_OC:-randaugment}; PUZZLE_ALPHA=${PUZZLE_ALPHA:-4.0}
+    BATCH_INFER=${BATCH_INFER:-1} ;;
   synthetic)
     SOURCE=voc12
     # The generated benchmark of tools/make_synthetic_voc.py: small images, a small net, CPU-sized. There are no
@@ -40,7 +42,10 @@ case "$DATASET" in
     BATCH_OC=${BATCH_OC:-32}; BATCH_PNOC=${BATCH_PNOC:-32}; ACCUMULATE_PNOC=${ACCUMULATE_PNOC:-1}
     # fp32 here, so the README's synthetic tables (measured in fp32) reproduce; runners/demo.sh passes true (bf16 +
     # channels_last where the CPU has bf16, fp32 elsewhere; 10 seeds show no CAM loss, README "Performance").
-    PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=${MIXED_PRECISION:-false} ;;
+    PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=${MIXED_PRECISION:-false}
+    # CAM inference puts 16 images (all 96x96) into each forward pass: the same CAMs, 1.3x (fp32) to 1.4x (bf16) the
+    # images/s of one per pass with resnet18 on 2 cores (README "Performance"); VOC and COCO keep one per pass.
+    BATCH_INFER=${BATCH_INFER:-16} ;;
   *)
     echo "error: unknown DATASET=$DATASET (choose voc12, coco14 or synthetic)" >&2; exit 2 ;;
 esac

@@ -1,10 +1,11 @@
 """CAM inference: multi-scale + flip class activation maps of a trained classifier for every image of a domain.
 
-Per image (SPEC §5): for each scale a PIL-bicubic resize, one forward of (image, mirrored image) as a batch of 2,
-ReLU, map + un-mirrored map; the scales are summed after bilinear resizing to the stride-4 size (``cam``) and to the
-image size (``hr_cam``); only the image's ground-truth classes are kept, each divided by its own maximum. Images whose
-label has no foreground class get no file (``--exclude_bg_images true``, counted in the log). Finished files are
-skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world_size]``.
+Per image (SPEC §5): for each scale a PIL-bicubic resize, one forward of (image, mirrored image) as a batch of 2
+(``--batch_size N``: N images of one size share each pass, with the same CAMs), ReLU, map + un-mirrored map; the
+scales are summed after bilinear resizing to the stride-4 size (``cam``) and to the image size (``hr_cam``); only the
+image's ground-truth classes are kept, each divided by its own maximum. Images whose label has no foreground class get
+no file (``--exclude_bg_images true``, counted in the log). Finished files are skipped, so an interrupted run resumes;
+under torchrun each process takes ``ids[rank::world_size]``.
 The maps are the network's own CAMs: a SEAM checkpoint (``train_seam.py``, or a released SEAM/PPC ResNet-38 ``.pth``
 with ``--architecture resnet38 --mode fix``) is recognised by its PCM weights and gives its PCM-refined maps; an EPS
 checkpoint the foreground channels of its softmax.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from core import cli, distributed, inference, manifest, paths, runtime
 from core.artifacts import CAM_SUFFIX, cam_path, check_writable, save_cam
 from core.cam import training
-from core.cam.cams import multiscale_cams
+from core.cam.cams import multiscale_cams_batch
 from core.datasets import source_from_args
 from core.datasets.transforms import resize_image
 from core.errors import WSSSError
@@ -80,6 +81,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="square pre-resize to N x N pixels for huge images (CAMs are mapped back to the original size)",
+    )
+    cli.add_arg(
+        group,
+        "--batch_size",
+        type=cli.positive_int,
+        default=1,
+        help="images of one size per forward pass (each with its mirror); more keeps a CPU or GPU busier on small "
+        "images, and the CAMs stay the same (default 1, the reference's one image per pass)",
     )
     cli.add_bool_arg(group, "--exclude_bg_images", True, "write no file for images without a foreground class")
     cli.add_overwrite_arg(group)
@@ -134,27 +143,35 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def make_cam_writer(
     args: argparse.Namespace, model: nn.Module, device: torch.device, out_dir: Path, fmt: ComputeFormat
-) -> Callable[[dict[str, Any]], None]:
-    """The per-image step of :func:`core.inference.run_over_images`: CAMs of the GT classes -> ``<id>.npz``."""
+) -> Callable[[list[dict[str, Any]]], None]:
+    """The step of :func:`core.inference.run_over_image_batches`: CAMs of the GT classes of images of one size (after
+    ``--resize``) -> one ``<id>.npz`` each."""
 
-    def write(item: dict[str, Any]) -> None:
-        image, height, width = item["image"], *item["image"].shape[:2]
-        if args.resize:
-            image = resize_image(image, args.resize, args.resize)
-        with inference.stop_on_oom(item["id"], (height, width), OOM_HINT):
-            keys, cam, hr_cam = multiscale_cams(
+    def write(items: list[dict[str, Any]]) -> None:
+        sizes = [item["image"].shape[:2] for item in items]
+        images = [
+            resize_image(item["image"], args.resize, args.resize) if args.resize else item["image"] for item in items
+        ]
+        with inference.stop_on_oom([item["id"] for item in items], sizes[0], OOM_HINT):
+            results = multiscale_cams_batch(
                 model,
-                image,
+                images,
                 args.scales,
                 device=device,
-                keys=foreground_keys(item["label"]),
+                keys=[foreground_keys(item["label"]) for item in items],
                 amp_dtype=fmt.amp_dtype,
                 channels_last=fmt.channels_last,
-                output_size=(height, width),
+                output_sizes=sizes,
             )
-        save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
+        for item, (keys, cam, hr_cam) in zip(items, results, strict=True):
+            save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
 
     return write
+
+
+def batch_key(args: argparse.Namespace) -> Callable[[dict[str, Any]], Hashable]:
+    """Which images may share a forward pass: those of one shape, or all of them under ``--resize``."""
+    return (lambda item: None) if args.resize else inference.image_shape
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +194,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         out_dir,
         inputs={"weights": manifest.file_fingerprint(weights)},
         context=runtime.data_context(args),
-        ignore={"exclude_bg_images"},  # decides which ids get a file, not what a file holds
+        ignore={"exclude_bg_images", "batch_size"},  # which ids get a file / how many share a pass, not their content
         outputs=out_dir.glob(f"*{CAM_SUFFIX}"),
         device=args.device,
     ) as run:
@@ -189,8 +206,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             weights, len(ids), len(labels), args.domain, excluded, paths.format_scales(args.scales), out_dir,
         )  # fmt: skip
         writer = make_cam_writer(args, model, run.device, out_dir, fmt)
-        summary = inference.run_over_images(
-            source, ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="cams"
+        summary = inference.run_over_image_batches(
+            source,
+            ids,
+            writer,
+            out_dir,
+            CAM_SUFFIX,
+            batch_size=args.batch_size,
+            group_key=batch_key(args),
+            num_workers=args.num_workers,
+            desc="cams",
         )
         logger.info(
             "wrote %d CAM files (%d already done) at %.2f images/s; %d background-only images got no file",

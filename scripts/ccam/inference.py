@@ -1,11 +1,12 @@
 """C²AM inference: multi-scale + flip foreground maps of a trained C²AM(-H) network for every image of a domain.
 
-Per image (SPEC §7.3): for each scale a PIL-bicubic resize and one forward of (image, mirrored image); the map's
-logits are turned foreground-high by the polarity decision stored in the weights (``--polarity``), activated
-(``--activation relu``, the reference's, or ``sigmoid``), averaged over scales and flips after bilinear resizing, and
-divided by their maximum. Every id gets a one-plane CAM file (``keys = [1]``: the plane is the foreground, whatever
-the image's classes), so ``scripts/evaluate.py``, ``scripts/ccam/inference_crf.py`` and the CAM tools read it.
-Finished files are skipped, so an interrupted run resumes; under torchrun each process takes ``ids[rank::world]``.
+Per image (SPEC §7.3): for each scale a PIL-bicubic resize and one forward of (image, mirrored image), up to
+``--batch_size`` images of one size per pass; the map's logits are turned foreground-high by the polarity decision
+stored in the weights (``--polarity``), activated (``--activation relu``, the reference's, or ``sigmoid``), averaged
+over scales and flips after bilinear resizing, and divided by their maximum. Every id gets a one-plane CAM file
+(``keys = [1]``: the plane is the foreground, whatever the image's classes), so ``scripts/evaluate.py``,
+``scripts/ccam/inference_crf.py`` and the CAM tools read it. Finished files are skipped, so an interrupted run
+resumes; under torchrun each process takes ``ids[rank::world]``.
 
 Reads:  experiments/models/<weights or tag>.pth; the images of --domain
 Writes: experiments/predictions/<tag>@<domain>@scale=<scales>/<id>.npz (keys [1], cam, hr_cam; core/artifacts.py),
@@ -32,7 +33,7 @@ from core.ccam import training
 from core.ccam.network import CCAM, load_ccam_weights
 from core.datasets import source_from_args
 from core.errors import WSSSError
-from core.multiscale import ACTIVATIONS, multiscale_cams
+from core.multiscale import ACTIVATIONS, multiscale_cams_batch
 from core.precision import ComputeFormat, compute_format, log_compute_format
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_bool_arg(group, "--mixed_precision", False, "autocast the forward (bf16/fp16 where supported)")
     cli.add_arg(group, "--num_workers", type=int, default=4, help="image-decoding worker processes per process")
-    cli.add_arg(group, "--batch_size", type=cli.positive_int, default=8, help="images per batch of --polarity auto")
+    cli.add_arg(
+        group,
+        "--batch_size",
+        type=cli.positive_int,
+        default=8,
+        help="images per batch of --polarity auto, and images of one size per inference pass (the maps stay the same)",
+    )
     return parser
 
 
@@ -115,24 +122,26 @@ def build_model(args: argparse.Namespace, path: Path, run: Any, source: Any, fmt
 
 def make_writer(
     args: argparse.Namespace, model: CCAM, device: torch.device, out_dir: Path, fmt: ComputeFormat
-) -> Callable[[dict[str, Any]], None]:
-    """The per-image step of :func:`core.inference.run_over_images`: foreground map -> ``<id>.npz``."""
+) -> Callable[[list[dict[str, Any]]], None]:
+    """The step of :func:`core.inference.run_over_image_batches`: foreground maps of images of one size -> one
+    ``<id>.npz`` each."""
 
-    def write(item: dict[str, Any]) -> None:
-        image = item["image"]
-        with inference.stop_on_oom(item["id"], image.shape[:2], OOM_HINT):
-            keys, cam, hr_cam = multiscale_cams(
+    def write(items: list[dict[str, Any]]) -> None:
+        images = [item["image"] for item in items]
+        with inference.stop_on_oom([item["id"] for item in items], images[0].shape[:2], OOM_HINT):
+            results = multiscale_cams_batch(
                 model,
-                image,
+                images,
                 args.scales,
                 device=device,
-                keys=FOREGROUND_KEYS,
+                keys=[FOREGROUND_KEYS] * len(images),
                 amp_dtype=fmt.amp_dtype,
                 channels_last=fmt.channels_last,
                 activation=args.activation,
                 average=True,
             )
-        save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
+        for item, (keys, cam, hr_cam) in zip(items, results, strict=True):
+            save_cam(cam_path(out_dir, item["id"]), keys, cam, hr_cam)
 
     return write
 
@@ -163,8 +172,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             weights, len(source.ids), args.domain, paths.format_scales(args.scales), args.activation, out_dir,
         )  # fmt: skip
         writer = make_writer(args, model, run.device, out_dir, fmt)
-        summary = inference.run_over_images(
-            source, source.ids, writer, out_dir, CAM_SUFFIX, num_workers=args.num_workers, desc="saliency maps"
+        summary = inference.run_over_image_batches(
+            source,
+            source.ids,
+            writer,
+            out_dir,
+            CAM_SUFFIX,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            desc="saliency maps",
         )
         logger.info(
             "wrote %d maps (%d already done) at %.2f images/s", summary.written, summary.skipped, summary.images_per_s
