@@ -43,8 +43,8 @@ case "$DATASET" in
     # fp32 here, so the README's synthetic tables (measured in fp32) reproduce; runners/demo.sh passes true (bf16 +
     # channels_last where the CPU has bf16, fp32 elsewhere; 10 seeds show no CAM loss, README "Performance").
     PUZZLE_ALPHA=${PUZZLE_ALPHA:-1.0}; MIXED_PRECISION=${MIXED_PRECISION:-false}
-    # CAM inference puts 16 images (all 96x96) into each forward pass: the same CAMs, 1.3x (fp32) to 1.4x (bf16) the
-    # images/s of one per pass with resnet18 on 2 cores (README "Performance"); VOC and COCO keep one per pass.
+    # CAM inference puts 16 images (all 96x96) into each forward pass: bit-identical CAM files, 1.4x (fp32) and 1.8x
+    # (bf16) the images/s of one image per pass on 2 cores (README "Performance"); VOC and COCO keep one per pass.
     BATCH_INFER=${BATCH_INFER:-16} ;;
   *)
     echo "error: unknown DATASET=$DATASET (choose voc12, coco14 or synthetic)" >&2; exit 2 ;;
