@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's performance figures, one JSON line each, into experiments/benchmarks/<host>.jsonl:
 # the evaluation sweep vs plain reading (1,000 VOC-sized CAM files), training steps of the five CAM methods and
-# multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU; PPC's overhead on the vanilla and
+# multi-scale CAM inference for resnet18/resnet50 at 128 and 320 px on the CPU, and at the synthetic recipe's 96 px
+# with one image per forward pass and with 16 (BATCH_INFER); PPC's overhead on the vanilla and
 # SEAM steps (resnet18, 128 px); the saliency stages (C²AM-H step,
 # C²AM inference, PoolNet step and test at --head_scale 1 and 0.25, the saliency-mask CRF) for resnet18 at 96 and
 # 128 px on the CPU; and, when CUDA is present, ResNeSt-269 at 512 px (C²AM at 448 px) with AMP and channels_last, and
@@ -29,6 +30,9 @@ for arch in $ARCHS; do
     bench train --architecture "$arch" --size "$size" --batch_size 8 --steps 3 --warmup 1 --device cpu
     bench inference --architecture "$arch" --size "$size" --images 4 --device cpu
   done
+done
+for batch in 1 16; do
+  bench inference --architecture resnet18 --size 96 --batch_size "$batch" --images 4 --device cpu
 done
 bench ppc --architecture resnet18 --size 128 --views 128,32 --batch_size 8 --steps 7 --device cpu
 for arch in $SAL_ARCHS; do
