@@ -316,10 +316,11 @@ def group_items(
             waiting.clear()
             yield [item]
             continue
-        group = waiting.setdefault(key(item), [])
+        item_key = key(item)
+        group = waiting.setdefault(item_key, [])
         group.append(item)
         if len(group) == batch_size:
-            yield waiting.pop(key(item))
+            yield waiting.pop(item_key)
         elif sum(map(len, waiting.values())) > most_waiting:
             yield waiting.pop(max(waiting, key=lambda k: len(waiting[k])))
     yield from waiting.values()
