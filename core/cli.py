@@ -7,6 +7,8 @@ command lines run unchanged; :func:`add_arg` also accepts the other spelling (``
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import math
 import os
@@ -240,6 +242,7 @@ def run(
 ) -> Any:
     """Parse arguments, run ``main`` and turn a :class:`WSSSError` into one ``error:`` line and exit status 2."""
     args = parser.parse_args(argv)
+    skip_the_collection_at_exit()
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -252,3 +255,16 @@ def run(
     except KeyboardInterrupt:
         print("interrupted: finished files are kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def skip_the_collection_at_exit() -> None:
+    """Freeze the garbage collector's objects at interpreter exit (an exit hook, registered once).
+
+    At shutdown Python runs full collections over every object still alive; with torch and torchvision loaded that
+    is about 0.9 s per process (a process holding two ResNet-50s exits in 0.24 s instead of 1.13 s), and it frees
+    nothing the operating system does not reclaim anyway. Objects keep being freed by reference counting; only
+    finalizers of reference cycles still alive at exit are skipped, and the toolkit closes its files, loggers and
+    W&B run explicitly before that.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)

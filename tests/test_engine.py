@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import types
 from pathlib import Path
@@ -14,8 +15,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from toy_training import ToyImages, bce_step, parse, toy_model
 
-from core import checkpoint, engine, precision, runlog, runtime
+from core import checkpoint, engine, parallel, precision, runlog, runtime
 from core.ema import ModelEMA
+from core.engine import context as engine_context
+from core.engine import loop as engine_loop
 from core.errors import WSSSError
 from core.optim import PolyLR
 from core.precision import ComputeFormat
@@ -152,6 +155,35 @@ def test_resume_after_interrupt_gives_identical_weights(tmp_path):
     for key in w_straight:
         assert torch.equal(w_straight[key], w_resumed[key]), key
     assert resumed["train/loss"] == straight["train/loss"]
+
+
+def test_cpu_loader_workers_come_from_a_forkserver_and_draw_what_forked_workers_draw(tmp_path, monkeypatch):
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no forkserver start method on this platform")
+    run = runtime.setup(parse("fs", "--num_workers", "2", "--batch_size", "4"), "test", models_dir=tmp_path)
+    try:
+        dataset = ToyImages(16, noise=True)  # per-item draws from torch's and numpy's streams in the workers
+        served = engine.build_loader(dataset, run, train=True)
+        assert served.multiprocessing_context.get_start_method() == "forkserver"
+        monkeypatch.setattr(engine_context, "training_workers_context", lambda device_type, workers: None)
+        forked = engine.build_loader(dataset, run, train=True)
+        assert forked.multiprocessing_context is None  # the platform default: fork on Linux
+        ctx = engine.TrainContext(run, len(served))
+        epochs = []
+        for epoch in (0, 1):
+            from_server = list(engine_loop._epoch_batches(ctx, served, epoch))
+            from_fork = list(engine_loop._epoch_batches(ctx, forked, epoch))
+            assert len(from_server) == len(from_fork) == 4
+            for a, b in zip(from_server, from_fork, strict=True):
+                assert a["id"] == b["id"]
+                assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+            epochs.append(torch.cat([batch["image"] for batch in from_server]))
+        assert not torch.equal(epochs[0], epochs[1])  # the draws change with the epoch, so the match means something
+    finally:
+        run.close()
+    assert parallel.training_workers_context("cpu", 0) is None  # in-process loading
+    assert parallel.training_workers_context("cuda", 2) is None  # weights on the device: fork stays
+    assert parallel.training_workers_context("cpu", 2).get_start_method() == "forkserver"
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):

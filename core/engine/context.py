@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from core import distributed
 from core.ema import ModelEMA
 from core.errors import WSSSError
+from core.parallel import training_workers_context
 from core.precision import ComputeFormat, compute_format, log_compute_format
 from core.runtime import Run
 
@@ -51,11 +52,13 @@ def build_loader(
 
     Training: shuffled by a sampler seeded with ``(--seed, epoch)`` (``fit`` sets the epoch), last partial batch
     dropped. Evaluation: this rank's shard ``ids[rank::world]`` in order, every sample exactly once.
-    ``collate_fn`` replaces the default stacking (e.g. padding images of different sizes).
+    ``collate_fn`` replaces the default stacking (e.g. padding images of different sizes). On CPU the workers come
+    from a forkserver (:func:`core.parallel.training_workers_context`).
     """
     workers = run.args.num_workers if num_workers is None else num_workers
     local_batch = run.local_batch_size if batch_size is None else batch_size
     pin = run.device.type == "cuda"
+    workers_context = training_workers_context(run.device.type, workers)
     if train:
         sampler = distributed.build_sampler(dataset, run.dist, shuffle=True, seed=int(run.args.seed))
         loader = DataLoader(
@@ -66,6 +69,7 @@ def build_loader(
             pin_memory=pin,
             drop_last=True,
             collate_fn=collate_fn,
+            multiprocessing_context=workers_context,
         )
         if len(loader) == 0:
             raise WSSSError(
@@ -82,6 +86,7 @@ def build_loader(
         pin_memory=pin,
         drop_last=False,
         collate_fn=collate_fn,
+        multiprocessing_context=workers_context,
     )
 
 
